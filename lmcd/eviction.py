@@ -1,0 +1,58 @@
+"""Eviction policies: which evictable chunk goes first.
+
+The storage manager hands a policy only the chunks that may be evicted now
+(committed, not locked, not pinned) and takes them back while they are in
+use, so a policy never has to skip anything. No trio, zmq or torch here.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Protocol
+
+import attrs
+
+
+class EvictionPolicy(Protocol):
+    """Orders evictable chunks. Keys are opaque hashables."""
+
+    def add(self, key: Hashable) -> None:
+        """`key` became evictable (or was just used): it goes last in line."""
+        ...
+
+    def discard(self, key: Hashable) -> None:
+        """`key` is no longer evictable; no error if it was not tracked."""
+        ...
+
+    def victim(self) -> Hashable | None:
+        """The key to evict next (it stays tracked until discarded), or None."""
+        ...
+
+    def __len__(self) -> int: ...
+
+
+@attrs.define(slots=True)
+class LRUPolicy:
+    """Least recently used first: the order in which keys were last added."""
+
+    _order: OrderedDict[Hashable, None] = attrs.field(factory=OrderedDict)
+
+    def add(self, key: Hashable) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def discard(self, key: Hashable) -> None:
+        self._order.pop(key, None)
+
+    def victim(self) -> Hashable | None:
+        return next(iter(self._order), None)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __repr__(self) -> str:
+        return f"LRUPolicy(tracked={len(self._order)})"
+
+
+POLICIES = {"lru": LRUPolicy}

@@ -1,0 +1,423 @@
+"""The storage manager: key -> chunk entries, locks, pins, eviction, statistics.
+
+It runs on the Trio thread only (it imports no trio, zmq or torch and takes a
+clock), so it needs no locks: worker threads get extents that are reserved
+or pinned for them and never touch this index.
+
+Life of an entry:
+
+    reserve() -> RESERVED (invisible; memory owned by the in-flight copy)
+    commit()  -> COMMITTED (visible to lookup, evictable unless locked/pinned)
+    abort()   -> freed
+    eviction / clear() -> freed, or, while a copy still uses it, "doomed":
+                 gone from the index and freed when the copy lets go.
+
+LOOKUP(lock) adds a lock (refcounted, expiring after `lock_ttl`) to every
+chunk it found; RETRIEVE pins its chunks while copying and, when the copy
+completes, releases one lock each. Locked, pinned and reserved chunks are
+never evicted: the policy only ever sees the evictable ones.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+
+import attrs
+
+from lmcd.errors import StorageFull
+from lmcd.eviction import EvictionPolicy, LRUPolicy
+from lmcd.wire.types import CacheKey
+from lmcd_backends.protocol import Extent, StorageTier, TierStatistics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOCK_TTL = 300.0
+
+
+class State(enum.Enum):
+    RESERVED = "reserved"
+    COMMITTED = "committed"
+
+
+@attrs.define(slots=True, eq=False, repr=False)
+class Entry:
+    """One chunk of one rank, in one tier extent."""
+
+    key: CacheKey
+    extent: Extent
+    nbytes: int
+    layout: str
+    state: State = State.RESERVED
+    locks: deque[float] = attrs.field(factory=deque)
+    pins: int = 0
+    doomed: bool = False
+
+    def __repr__(self) -> str:
+        return (
+            f"Entry({self.key.model_name!r} rank {self.key.worker_id}, "
+            f"{self.state.value}, locks={len(self.locks)}, pins={self.pins})"
+        )
+
+
+@attrs.frozen
+class Reservation:
+    """What a STORE may write: `entries[i]` is the slot for request key `indices[i]`.
+
+    `present` keys were already stored or in flight (skipped); `refused`
+    keys (a suffix of the request) found no room.
+    """
+
+    entries: tuple[Entry, ...]
+    indices: tuple[int, ...]
+    present: int
+    refused: int
+
+    @property
+    def ok(self) -> bool:
+        return self.refused == 0
+
+
+@attrs.frozen
+class Pin:
+    """The committed chunks a RETRIEVE may read: a prefix of its keys."""
+
+    entries: tuple[Entry, ...]
+
+
+@attrs.frozen
+class ModelUsage:
+    chunks: int
+    bytes: int
+
+
+@attrs.frozen
+class StorageStatistics:
+    """A snapshot of the storage manager (counters since start, and gauges)."""
+
+    tier: TierStatistics
+    chunks: int
+    bytes: int
+    reserved_chunks: int
+    locked_chunks: int
+    pinned_chunks: int
+    doomed_chunks: int
+    models: dict[str, ModelUsage]
+    lookups: int
+    lookup_hit_chunks: int
+    lookup_miss_chunks: int
+    stores: int
+    stored_chunks: int
+    stored_bytes: int
+    store_skipped_chunks: int
+    store_refused_chunks: int
+    retrieves: int
+    retrieved_chunks: int
+    retrieved_bytes: int
+    retrieve_miss_chunks: int
+    evicted_chunks: int
+    evicted_bytes: int
+    lock_expiries: int
+    cleared_chunks: int
+
+
+@attrs.define(slots=True)
+class _Counters:
+    lookups: int = 0
+    lookup_hit_chunks: int = 0
+    lookup_miss_chunks: int = 0
+    stores: int = 0
+    stored_chunks: int = 0
+    stored_bytes: int = 0
+    store_skipped_chunks: int = 0
+    store_refused_chunks: int = 0
+    retrieves: int = 0
+    retrieved_chunks: int = 0
+    retrieved_bytes: int = 0
+    retrieve_miss_chunks: int = 0
+    evicted_chunks: int = 0
+    evicted_bytes: int = 0
+    lock_expiries: int = 0
+    cleared_chunks: int = 0
+
+
+@attrs.define(slots=True)
+class StorageManager:
+    """Index, locks, pins and eviction over one storage tier."""
+
+    tier: StorageTier
+    clock: Callable[[], float]
+    lock_ttl: float = DEFAULT_LOCK_TTL
+    policy: EvictionPolicy = attrs.field(factory=LRUPolicy)
+    _index: dict[CacheKey, Entry] = attrs.field(factory=dict, init=False)
+    _expiries: list[tuple[float, int, Entry]] = attrs.field(factory=list, init=False)
+    _seq: itertools.count[int] = attrs.field(factory=itertools.count, init=False)
+    _models: dict[str, list[int]] = attrs.field(factory=dict, init=False)
+    _c: _Counters = attrs.field(factory=_Counters, init=False)
+    _committed_chunks: int = attrs.field(default=0, init=False)
+    _committed_bytes: int = attrs.field(default=0, init=False)
+    _reserved: int = attrs.field(default=0, init=False)
+    _locked: int = attrs.field(default=0, init=False)
+    _pinned: int = attrs.field(default=0, init=False)
+    _doomed: int = attrs.field(default=0, init=False)
+
+    # -- store ---------------------------------------------------------------
+
+    def reserve(self, keys: Sequence[CacheKey], nbytes: int, layout: str) -> Reservation:
+        """Reserve room for the chunks of a STORE, in key order.
+
+        Keys present or in flight are skipped. When no room can be made (all
+        else is locked, pinned or reserved), the prefix that fit is kept and
+        the rest refused. Raises `ValueError` for a key without a worker id
+        or a chunk that can never fit the tier.
+        """
+        self.expire_locks()
+        if not self.tier.fits(nbytes):
+            raise ValueError(f"a {nbytes}-byte chunk can never fit this buffer")
+        self._c.stores += 1
+        entries: list[Entry] = []
+        indices: list[int] = []
+        present = 0
+        for i, key in enumerate(keys):
+            if key.worker_id is None:
+                raise ValueError("STORE keys must name a worker (rank)")
+            if key in self._index:
+                present += 1
+                continue
+            try:
+                extent = self._allocate(nbytes)
+            except StorageFull:
+                refused = len(keys) - i
+                self._c.store_skipped_chunks += present
+                self._c.store_refused_chunks += refused
+                log.warning("Buffer full: %d of %d chunks not stored", refused, len(keys))
+                return Reservation(tuple(entries), tuple(indices), present, refused)
+            entry = Entry(key=key, extent=extent, nbytes=nbytes, layout=layout)
+            self._index[key] = entry
+            self._reserved += 1
+            entries.append(entry)
+            indices.append(i)
+        self._c.store_skipped_chunks += present
+        return Reservation(tuple(entries), tuple(indices), present, 0)
+
+    def _allocate(self, nbytes: int) -> Extent:
+        while True:
+            extent = self.tier.allocate(nbytes)
+            if extent is not None:
+                return extent
+            victim = self.policy.victim()
+            if victim is None:
+                raise StorageFull(f"no room for {nbytes} bytes")
+            assert isinstance(victim, CacheKey)
+            self._evict(self._index[victim])
+
+    def _evict(self, entry: Entry) -> None:
+        self.policy.discard(entry.key)
+        del self._index[entry.key]
+        self._c.evicted_chunks += 1
+        self._c.evicted_bytes += entry.nbytes
+        self._free(entry)
+
+    def commit(self, reservation: Reservation) -> None:
+        """The copy into `reservation` finished: its chunks become visible."""
+        for entry in reservation.entries:
+            self._reserved -= 1
+            if entry.doomed:
+                self._doomed -= 1
+                self.tier.free(entry.extent)
+                continue
+            entry.state = State.COMMITTED
+            self._committed_chunks += 1
+            self._committed_bytes += entry.nbytes
+            usage = self._models.setdefault(entry.key.model_name, [0, 0])
+            usage[0] += 1
+            usage[1] += entry.nbytes
+            self._c.stored_chunks += 1
+            self._c.stored_bytes += entry.nbytes
+            self.policy.add(entry.key)
+
+    def abort(self, reservation: Reservation) -> None:
+        """The copy into `reservation` failed: forget and free its chunks."""
+        for entry in reservation.entries:
+            self._reserved -= 1
+            if entry.doomed:
+                self._doomed -= 1
+            else:
+                del self._index[entry.key]
+            self.tier.free(entry.extent)
+
+    # -- lookup and retrieve -------------------------------------------------
+
+    def lookup(self, keys: Sequence[CacheKey], lock: bool) -> int:
+        """How many leading `keys` are committed (a nil worker id: for every
+        rank). With `lock`, each found chunk gains a lock for `lock_ttl` s."""
+        self.expire_locks()
+        self._c.lookups += 1
+        found: list[Entry] = []
+        hits = 0
+        for key in keys:
+            ranks = key.ranks()
+            entries = [self._index.get(k) for k in ranks]
+            if not all(e is not None and e.state is State.COMMITTED for e in entries):
+                break
+            found.extend(e for e in entries if e is not None)
+            hits += 1
+        self._c.lookup_hit_chunks += hits
+        self._c.lookup_miss_chunks += len(keys) - hits
+        if lock:
+            expiry = self.clock() + self.lock_ttl
+            for entry in found:
+                self._lock(entry, expiry)
+        else:
+            for entry in found:
+                if not entry.locks and not entry.pins:
+                    self.policy.add(entry.key)
+        return hits
+
+    def _lock(self, entry: Entry, expiry: float) -> None:
+        if not entry.locks:
+            self._locked += 1
+            self.policy.discard(entry.key)
+        entry.locks.append(expiry)
+        heapq.heappush(self._expiries, (expiry, next(self._seq), entry))
+
+    def pin(self, keys: Sequence[CacheKey], nbytes: int, layout: str) -> Pin:
+        """Pin the leading committed `keys` (of this size and layout) for a
+        RETRIEVE; the rest are reported missing. Raises `ValueError` for a key
+        without a worker id."""
+        self.expire_locks()
+        self._c.retrieves += 1
+        entries: list[Entry] = []
+        for key in keys:
+            if key.worker_id is None:
+                raise ValueError("RETRIEVE keys must name a worker (rank)")
+            entry = self._index.get(key)
+            if (
+                entry is None
+                or entry.state is not State.COMMITTED
+                or entry.nbytes != nbytes
+                or entry.layout != layout
+            ):
+                break
+            entries.append(entry)
+        for entry in entries:
+            if not entry.pins:
+                self._pinned += 1
+                self.policy.discard(entry.key)
+            entry.pins += 1
+        self._c.retrieve_miss_chunks += len(keys) - len(entries)
+        return Pin(tuple(entries))
+
+    def unpin(self, pin: Pin, completed: bool) -> None:
+        """The copy out of `pin` ended. When it `completed`, each chunk counts
+        as retrieved and gives up one lookup lock."""
+        for entry in pin.entries:
+            entry.pins -= 1
+            if not entry.pins:
+                self._pinned -= 1
+            if entry.doomed:
+                if not entry.pins:
+                    self._doomed -= 1
+                    self._free(entry)
+                continue
+            if completed:
+                self._c.retrieved_chunks += 1
+                self._c.retrieved_bytes += entry.nbytes
+                if entry.locks:
+                    entry.locks.popleft()
+                    if not entry.locks:
+                        self._locked -= 1
+            if not entry.locks and not entry.pins:
+                self.policy.add(entry.key)
+
+    def expire_locks(self) -> None:
+        """Drop locks whose TTL has passed (leaked by clients that never
+        retrieved); called by every operation, cheap when none is due."""
+        if not self._expiries or self._expiries[0][0] > self.clock():
+            return
+        now = self.clock()
+        while self._expiries and self._expiries[0][0] <= now:
+            _, _, entry = heapq.heappop(self._expiries)
+            expired = 0
+            while entry.locks and entry.locks[0] <= now:
+                entry.locks.popleft()
+                expired += 1
+            if not expired:
+                continue
+            self._c.lock_expiries += expired
+            if not entry.locks:
+                self._locked -= 1
+                if not entry.pins and not entry.doomed:
+                    self.policy.add(entry.key)
+
+    # -- clear ---------------------------------------------------------------
+
+    def clear(self) -> int:
+        """Drop every chunk. Memory that a copy is using is freed when the
+        copy lets go; nothing is visible to lookups after this. Returns the
+        number of chunks dropped."""
+        dropped = len(self._index)
+        for entry in list(self._index.values()):
+            del self._index[entry.key]
+            self.policy.discard(entry.key)
+            if entry.locks:
+                entry.locks.clear()
+                self._locked -= 1
+            if entry.pins or entry.state is State.RESERVED:
+                entry.doomed = True
+                self._doomed += 1
+                if entry.state is State.COMMITTED:
+                    self._uncount(entry)
+            else:
+                self._free(entry)
+        self._c.cleared_chunks += dropped
+        return dropped
+
+    # -- memory --------------------------------------------------------------
+
+    def buffer(self, entry: Entry) -> object:
+        """The chunk's bytes (a uint8 tensor of the tier's memory)."""
+        return self.tier.buffer(entry.extent)
+
+    def _free(self, entry: Entry) -> None:
+        # Only committed entries are ever freed here; reserved ones go
+        # through commit() or abort().
+        if not entry.doomed:
+            self._uncount(entry)
+        self.tier.free(entry.extent)
+
+    def _uncount(self, entry: Entry) -> None:
+        self._committed_chunks -= 1
+        self._committed_bytes -= entry.nbytes
+        usage = self._models[entry.key.model_name]
+        usage[0] -= 1
+        usage[1] -= entry.nbytes
+        if not usage[0]:
+            del self._models[entry.key.model_name]
+
+    # -- introspection -------------------------------------------------------
+
+    def statistics(self) -> StorageStatistics:
+        c = self._c
+        return StorageStatistics(
+            tier=self.tier.statistics(),
+            chunks=self._committed_chunks,
+            bytes=self._committed_bytes,
+            reserved_chunks=self._reserved,
+            locked_chunks=self._locked,
+            pinned_chunks=self._pinned,
+            doomed_chunks=self._doomed,
+            models={m: ModelUsage(u[0], u[1]) for m, u in self._models.items()},
+            **attrs.asdict(c),
+        )
+
+    def entries(self) -> Iterable[Entry]:
+        """Every indexed entry (for invariant checks and tests)."""
+        return self._index.values()
+
+    def __len__(self) -> int:
+        return len(self._index)

@@ -1,0 +1,282 @@
+"""Frames <-> request objects and replies, for the lmcache 0.3.10-0.3.13 dialect.
+
+A message after the routing identity is `[uid, type, payload...]`, each frame
+one MessagePack value. `decode_header` reads uid and type; `decode_request`
+turns the payloads into a request object or raises `PayloadError`, which
+carries the failure reply the client must still get. No trio, zmq or torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import msgspec
+
+from lmcd.errors import ProtocolError
+from lmcd.wire.types import (
+    MAX_BLOCK_IDS_PER_REQUEST,
+    MAX_CHUNK_HASH,
+    MAX_EVENT_HANDLE,
+    MAX_EXPANDED_KEYS,
+    MAX_KEYS_PER_REQUEST,
+    MAX_LAYERS,
+    MAX_MODEL_NAME,
+    MAX_WORLD_SIZE,
+    PAYLOAD_COUNTS,
+    CacheKey,
+    Clear,
+    GetChunkSize,
+    HostTensorRef,
+    Lookup,
+    Noop,
+    RegisterKVCache,
+    Request,
+    RequestType,
+    Retrieve,
+    Stats,
+    Store,
+    TensorRef,
+    UnregisterKVCache,
+)
+from lmcd.wire.unpickle import TORCH_DTYPES, load_cuda_ipc_wrapper
+
+EXT_CUDA_IPC_WRAPPER = 1
+EXT_HOST_TENSOR = 2
+
+# Bytes one payload frame may hold, checked before it is decoded, so that a
+# frame of a million tiny ints cannot make a million Python objects.
+MAX_SMALL_FRAME = 64 * 1024
+MAX_LIST_FRAME = 4 * 1024 * 1024
+MAX_REGISTER_FRAME = 8 * 1024 * 1024
+
+
+class PayloadError(ProtocolError):
+    """The header decoded but the payloads did not; `reply` is still owed."""
+
+    def __init__(self, message: str, reply: object) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+@attrs.frozen
+class Header:
+    """The decoded head of a message: what every reply must echo."""
+
+    uid: bytes
+    type_frame: bytes
+    type: RequestType | None  # None: a type value this dialect does not know
+    payloads: Sequence[bytes]
+
+
+class _HostTensorMsg(msgspec.Struct, forbid_unknown_fields=True):
+    path: str
+    offset: int
+    shape: list[int]
+    dtype: str
+
+
+_int = msgspec.msgpack.Decoder(int)
+_bytes = msgspec.msgpack.Decoder(bytes)
+_opt_bool = msgspec.msgpack.Decoder(bool | None)
+_keys = msgspec.msgpack.Decoder(list[CacheKey])
+_ints = msgspec.msgpack.Decoder(list[int])
+_exts = msgspec.msgpack.Decoder(list[msgspec.msgpack.Ext])
+_host = msgspec.msgpack.Decoder(_HostTensorMsg)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def decode_header(frames: Sequence[bytes]) -> Header:
+    """Read uid and type from `[uid, type, payload...]`.
+
+    Raises `ProtocolError` when there are fewer than two frames or uid or type
+    is not a MessagePack int: such a message cannot be answered.
+    """
+    if len(frames) < 2:
+        raise ProtocolError(f"message has {len(frames)} frames after the identity")
+    uid, type_frame = frames[0], frames[1]
+    if len(uid) > 9 or len(type_frame) > 9:
+        raise ProtocolError("uid or type frame is not a MessagePack int")
+    try:
+        _int.decode(uid)
+        value = _int.decode(type_frame)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"undecodable uid or type: {e}") from e
+    try:
+        rtype: RequestType | None = RequestType(value)
+    except ValueError:
+        rtype = None
+    return Header(uid=uid, type_frame=type_frame, type=rtype, payloads=frames[2:])
+
+
+def failure_reply(rtype: RequestType, payloads: Sequence[bytes]) -> object:
+    """The reply owed to a request of `rtype` that cannot be served.
+
+    LOOKUP: all false; STORE: `[handle, False]`; RETRIEVE: `[handle,
+    [False]*n]`, the handle being the client's own where it decodes; `None`
+    (no frame) for types whose response is None; a typed zero otherwise.
+    """
+    if rtype is RequestType.LOOKUP:
+        return [False] * _count_keys(payloads, 0)
+    if rtype in (RequestType.STORE, RequestType.RETRIEVE):
+        handle = b""
+        if len(payloads) > 3 and len(payloads[3]) <= MAX_SMALL_FRAME:
+            try:
+                handle = _bytes.decode(payloads[3])
+            except msgspec.DecodeError:
+                handle = b""
+        if rtype is RequestType.STORE:
+            return [handle, False]
+        return [handle, [False] * _count_keys(payloads, 0)]
+    if rtype is RequestType.GET_CHUNK_SIZE:
+        return 0
+    if rtype is RequestType.NOOP:
+        return "ERROR"
+    if rtype is RequestType.STATS:
+        return {}
+    return None
+
+
+def _count_keys(payloads: Sequence[bytes], index: int) -> int:
+    if len(payloads) <= index or len(payloads[index]) > MAX_LIST_FRAME:
+        return 0
+    try:
+        keys = msgspec.msgpack.decode(payloads[index], type=list[Any])
+    except msgspec.DecodeError:
+        return 0
+    return min(len(keys), MAX_KEYS_PER_REQUEST)
+
+
+def decode_request(header: Header) -> Request:
+    """Decode the payloads of a message whose header decoded.
+
+    Raises `PayloadError` (with the failure reply owed) when the type is
+    unknown or the payloads are of the wrong count, type or size.
+    """
+    rtype = header.type
+    if rtype is None:
+        raise PayloadError(f"unknown request type {header.type_frame.hex()}", None)
+    payloads = header.payloads
+    expected = PAYLOAD_COUNTS[rtype]
+    if len(payloads) != expected:
+        raise PayloadError(
+            f"{rtype.name} takes {expected} payloads, got {len(payloads)}",
+            failure_reply(rtype, payloads),
+        )
+    try:
+        return _DECODERS[rtype](payloads)
+    except (ProtocolError, msgspec.DecodeError) as e:
+        raise PayloadError(
+            f"bad {rtype.name} payload: {e}", failure_reply(rtype, payloads)
+        ) from e
+
+
+def _frame(data: bytes, limit: int, what: str) -> bytes:
+    if len(data) > limit:
+        raise ProtocolError(f"{what} frame is {len(data)} bytes, over {limit}")
+    return data
+
+
+def _decode_keys(data: bytes) -> tuple[CacheKey, ...]:
+    keys = _keys.decode(_frame(data, MAX_LIST_FRAME, "keys"))
+    if len(keys) > MAX_KEYS_PER_REQUEST:
+        raise ProtocolError(f"{len(keys)} keys, over {MAX_KEYS_PER_REQUEST}")
+    expanded = 0
+    for key in keys:
+        if not 1 <= key.world_size <= MAX_WORLD_SIZE:
+            raise ProtocolError(f"world_size {key.world_size} out of 1..{MAX_WORLD_SIZE}")
+        if key.worker_id is None:
+            expanded += key.world_size
+        elif not 0 <= key.worker_id < key.world_size:
+            raise ProtocolError(f"worker_id {key.worker_id} not in 0..world_size-1")
+        else:
+            expanded += 1
+        if len(key.model_name) > MAX_MODEL_NAME or len(key.chunk_hash) > MAX_CHUNK_HASH:
+            raise ProtocolError("model name or chunk hash too long")
+    if expanded > MAX_EXPANDED_KEYS:
+        raise ProtocolError(f"keys expand to {expanded} per-rank keys")
+    return tuple(keys)
+
+
+def _decode_instance_id(data: bytes) -> int:
+    value = _int.decode(_frame(data, MAX_SMALL_FRAME, "instance id"))
+    if not -(1 << 63) <= value < (1 << 63):
+        raise ProtocolError("instance id out of int64 range")
+    return value
+
+
+def _decode_block_ids(data: bytes) -> tuple[int, ...]:
+    ids = _ints.decode(_frame(data, MAX_LIST_FRAME, "block ids"))
+    if len(ids) > MAX_BLOCK_IDS_PER_REQUEST:
+        raise ProtocolError(f"{len(ids)} block ids, over {MAX_BLOCK_IDS_PER_REQUEST}")
+    return tuple(ids)
+
+
+def _decode_event(data: bytes) -> bytes:
+    handle = _bytes.decode(_frame(data, MAX_SMALL_FRAME, "event handle"))
+    if len(handle) > MAX_EVENT_HANDLE:
+        raise ProtocolError("event handle too long")
+    return handle
+
+
+def _decode_tensor(ext: msgspec.msgpack.Ext) -> TensorRef:
+    if ext.code == EXT_CUDA_IPC_WRAPPER:
+        return load_cuda_ipc_wrapper(bytes(ext.data))
+    if ext.code == EXT_HOST_TENSOR:
+        msg = _host.decode(ext.data)
+        if msg.dtype not in TORCH_DTYPES:
+            raise ProtocolError(f"unknown dtype {msg.dtype!r}")
+        if not 0 < len(msg.shape) <= 8 or any(d < 0 for d in msg.shape):
+            raise ProtocolError("host tensor shape must have 1..8 non-negative dims")
+        if msg.offset < 0:
+            raise ProtocolError("host tensor offset must be non-negative")
+        return HostTensorRef(msg.path, msg.offset, tuple(msg.shape), msg.dtype)
+    raise ProtocolError(f"unknown tensor extension code {ext.code}")
+
+
+def _register(p: Sequence[bytes]) -> Request:
+    instance_id = _decode_instance_id(p[0])
+    exts = _exts.decode(_frame(p[1], MAX_REGISTER_FRAME, "kv caches"))
+    if not 0 < len(exts) <= MAX_LAYERS:
+        raise ProtocolError(f"{len(exts)} layers, expected 1..{MAX_LAYERS}")
+    return RegisterKVCache(instance_id, tuple(_decode_tensor(e) for e in exts))
+
+
+def _copy(cls: type[Store] | type[Retrieve]) -> Any:
+    def decode(p: Sequence[bytes]) -> Request:
+        return cls(
+            _decode_keys(p[0]),
+            _decode_instance_id(p[1]),
+            _decode_block_ids(p[2]),
+            _decode_event(p[3]),
+        )
+
+    return decode
+
+
+def _lookup(p: Sequence[bytes]) -> Request:
+    lock = _opt_bool.decode(_frame(p[1], MAX_SMALL_FRAME, "lock"))
+    return Lookup(_decode_keys(p[0]), bool(lock))
+
+
+_DECODERS = {
+    RequestType.REGISTER_KV_CACHE: _register,
+    RequestType.UNREGISTER_KV_CACHE: lambda p: UnregisterKVCache(
+        _decode_instance_id(p[0])
+    ),
+    RequestType.STORE: _copy(Store),
+    RequestType.RETRIEVE: _copy(Retrieve),
+    RequestType.LOOKUP: _lookup,
+    RequestType.CLEAR: lambda p: Clear(),
+    RequestType.GET_CHUNK_SIZE: lambda p: GetChunkSize(),
+    RequestType.NOOP: lambda p: Noop(),
+    RequestType.STATS: lambda p: Stats(),
+}
+
+
+def encode_reply(header: Header, value: object) -> list[bytes]:
+    """Frames of the reply: `[uid, type]` plus one frame unless `value` is None."""
+    if value is None:
+        return [header.uid, header.type_frame]
+    return [header.uid, header.type_frame, _encoder.encode(value)]

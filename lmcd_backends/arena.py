@@ -1,0 +1,172 @@
+"""Address-space bookkeeping for a tier: segments and free ranges, no memory.
+
+The arena splits `capacity` bytes into segments of `segment_bytes` (the last
+one may be shorter) and carves aligned extents out of them with best fit and
+coalescing. A segment is "opened" the first time an extent is placed in it,
+so that the tier behind it can materialize that segment's memory lazily.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import attrs
+
+from lmcd_backends.protocol import ALIGNMENT, Extent
+
+
+def align_up(nbytes: int, alignment: int = ALIGNMENT) -> int:
+    """`nbytes` rounded up to a multiple of `alignment`."""
+    return -(-nbytes // alignment) * alignment
+
+
+@attrs.define(slots=True)
+class _Segment:
+    size: int
+    # Free ranges: sorted start offsets and start -> length.
+    starts: list[int]
+    lengths: dict[int, int]
+
+    @classmethod
+    def empty(cls, size: int) -> _Segment:
+        return cls(size=size, starts=[0], lengths={0: size})
+
+    def best_fit(self, size: int) -> tuple[int, int] | None:
+        best: tuple[int, int] | None = None
+        for start in self.starts:
+            length = self.lengths[start]
+            if length >= size and (best is None or length < best[1]):
+                best = (start, length)
+                if length == size:
+                    break
+        return best
+
+    def take(self, start: int, length: int, size: int) -> None:
+        i = bisect.bisect_left(self.starts, start)
+        del self.starts[i]
+        del self.lengths[start]
+        if length > size:
+            self.starts.insert(i, start + size)
+            self.lengths[start + size] = length - size
+
+    def give_back(self, start: int, size: int) -> None:
+        i = bisect.bisect_left(self.starts, start)
+        if i < len(self.starts) and self.starts[i] < start + size:
+            raise ValueError("extent overlaps a free range")
+        if i > 0:
+            prev = self.starts[i - 1]
+            if prev + self.lengths[prev] > start:
+                raise ValueError("extent overlaps a free range")
+        end = start + size
+        # Coalesce with the following free range.
+        if i < len(self.starts) and self.starts[i] == end:
+            size += self.lengths.pop(end)
+            del self.starts[i]
+        # Coalesce with the preceding free range.
+        if i > 0:
+            prev = self.starts[i - 1]
+            if prev + self.lengths[prev] == start:
+                self.lengths[prev] += size
+                return
+        self.starts.insert(i, start)
+        self.lengths[start] = size
+
+    def largest_free(self) -> int:
+        return max(self.lengths.values(), default=0)
+
+
+@attrs.define(slots=True)
+class Arena:
+    """Best-fit allocator over lazily opened segments.
+
+    Invariants (checked by the property tests): live extents never overlap
+    and lie inside their segment; `used + free == capacity`.
+    """
+
+    capacity: int
+    segment_bytes: int
+    alignment: int = ALIGNMENT
+    _segments: list[_Segment] = attrs.field(factory=list, init=False)
+    _live: dict[Extent, None] = attrs.field(factory=dict, init=False)
+    _used: int = attrs.field(default=0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.capacity <= 0 or self.segment_bytes <= 0:
+            raise ValueError("capacity and segment size must be positive")
+        # Segments are whole multiples of the alignment.
+        self.segment_bytes = min(align_up(self.segment_bytes, self.alignment),
+                                 align_up(self.capacity, self.alignment))  # fmt: skip
+        self.capacity = self.capacity // self.alignment * self.alignment
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self._used
+
+    @property
+    def opened_segments(self) -> int:
+        return len(self._segments)
+
+    @property
+    def opened_bytes(self) -> int:
+        return sum(s.size for s in self._segments)
+
+    @property
+    def live_extents(self) -> int:
+        return len(self._live)
+
+    def segment_size(self, index: int) -> int:
+        return self._segments[index].size
+
+    def fits(self, nbytes: int) -> bool:
+        return 0 < align_up(nbytes, self.alignment) <= min(
+            self.segment_bytes, self.capacity
+        )
+
+    def allocate(self, nbytes: int) -> Extent | None:
+        """An extent of at least `nbytes`, or None if no free range fits.
+
+        Existing segments are tried first (best fit across all of them); a new
+        segment is opened only when none fits and capacity remains.
+        """
+        if not self.fits(nbytes):
+            raise ValueError(f"{nbytes} bytes can never fit a {self.segment_bytes}-byte segment")
+        size = align_up(nbytes, self.alignment)
+        best: tuple[int, int, int] | None = None  # (segment, start, length)
+        for index, segment in enumerate(self._segments):
+            fit = segment.best_fit(size)
+            if fit is not None and (best is None or fit[1] < best[2]):
+                best = (index, fit[0], fit[1])
+        if best is None:
+            unopened = self.capacity - self.opened_bytes
+            new_size = min(self.segment_bytes, unopened)
+            if new_size < size:
+                return None
+            self._segments.append(_Segment.empty(new_size))
+            best = (len(self._segments) - 1, 0, new_size)
+        index, start, length = best
+        self._segments[index].take(start, length, size)
+        extent = Extent(segment=index, offset=start, size=size)
+        self._live[extent] = None
+        self._used += size
+        return extent
+
+    def release(self, extent: Extent) -> None:
+        """Give `extent` back; raises `ValueError` if it is not live."""
+        if extent not in self._live:
+            raise ValueError(f"{extent} is not a live extent of this arena")
+        del self._live[extent]
+        self._segments[extent.segment].give_back(extent.offset, extent.size)
+        self._used -= extent.size
+
+    def largest_free(self) -> int:
+        unopened = self.capacity - self.opened_bytes
+        opened = max((s.largest_free() for s in self._segments), default=0)
+        return max(opened, min(unopened, self.segment_bytes))
+
+    def live(self) -> list[Extent]:
+        """Every live extent (for invariant checks)."""
+        return list(self._live)
