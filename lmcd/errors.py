@@ -28,5 +28,5 @@ class TransferError(LmcdError):
     """A STORE or RETRIEVE cannot be carried out (bad block ids, unknown instance)."""
 
 
-class StorageFull(LmcdError):  # noqa: N818 - reads as a condition, like trio.WouldBlock
+class StorageFull(LmcdError):
     """No room can be made for a chunk: everything evictable is already gone."""

@@ -167,7 +167,9 @@ class StorageManager:
 
     # -- store ---------------------------------------------------------------
 
-    def reserve(self, keys: Sequence[CacheKey], nbytes: int, layout: str) -> Reservation:
+    def reserve(
+        self, keys: Sequence[CacheKey], nbytes: int, layout: str
+    ) -> Reservation:
         """Reserve room for the chunks of a STORE, in key order.
 
         Keys present or in flight are skipped. When no room can be made (all
@@ -194,7 +196,9 @@ class StorageManager:
                 refused = len(keys) - i
                 self._c.store_skipped_chunks += present
                 self._c.store_refused_chunks += refused
-                log.warning("Buffer full: %d of %d chunks not stored", refused, len(keys))
+                log.warning(
+                    "Buffer full: %d of %d chunks not stored", refused, len(keys)
+                )
                 return Reservation(tuple(entries), tuple(indices), present, refused)
             entry = Entry(key=key, extent=extent, nbytes=nbytes, layout=layout)
             self._index[key] = entry

@@ -94,8 +94,10 @@ class Arena:
         if self.capacity <= 0 or self.segment_bytes <= 0:
             raise ValueError("capacity and segment size must be positive")
         # Segments are whole multiples of the alignment.
-        self.segment_bytes = min(align_up(self.segment_bytes, self.alignment),
-                                 align_up(self.capacity, self.alignment))  # fmt: skip
+        self.segment_bytes = min(
+            align_up(self.segment_bytes, self.alignment),
+            align_up(self.capacity, self.alignment),
+        )
         self.capacity = self.capacity // self.alignment * self.alignment
 
     @property
@@ -122,8 +124,10 @@ class Arena:
         return self._segments[index].size
 
     def fits(self, nbytes: int) -> bool:
-        return 0 < align_up(nbytes, self.alignment) <= min(
-            self.segment_bytes, self.capacity
+        return (
+            0
+            < align_up(nbytes, self.alignment)
+            <= min(self.segment_bytes, self.capacity)
         )
 
     def allocate(self, nbytes: int) -> Extent | None:
@@ -133,7 +137,9 @@ class Arena:
         segment is opened only when none fits and capacity remains.
         """
         if not self.fits(nbytes):
-            raise ValueError(f"{nbytes} bytes can never fit a {self.segment_bytes}-byte segment")
+            raise ValueError(
+                f"{nbytes} bytes can never fit a {self.segment_bytes}-byte segment"
+            )
         size = align_up(nbytes, self.alignment)
         best: tuple[int, int, int] | None = None  # (segment, start, length)
         for index, segment in enumerate(self._segments):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,7 +16,7 @@ MiB = 1 << 20
 
 def check_invariants(arena: Arena) -> None:
     live = sorted(arena.live(), key=lambda e: (e.segment, e.offset))
-    for a, b in zip(live, live[1:], strict=False):
+    for a, b in itertools.pairwise(live):
         if a.segment == b.segment:
             assert a.offset + a.size <= b.offset, "live extents overlap"
     for e in live:

@@ -191,7 +191,9 @@ def test_churn_with_two_chunk_sizes_keeps_buffer_over_90_percent_full() -> None:
     # the buffer stays over 90% full in all but the rarest moments.
     fills.sort()
     assert sum(fills) / len(fills) >= 0.93, f"mean fill {sum(fills) / len(fills):.3f}"
-    assert fills[len(fills) // 100] >= 0.90, f"1st percentile {fills[len(fills) // 100]:.3f}"
+    assert fills[len(fills) // 100] >= 0.90, (
+        f"1st percentile {fills[len(fills) // 100]:.3f}"
+    )
 
 
 class StorageMachine(RuleBasedStateMachine):
@@ -202,7 +204,9 @@ class StorageMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.m, self.tier, self.clock = manager(capacity=6 * MiB, segment=2 * MiB, ttl=5)
+        self.m, self.tier, self.clock = manager(
+            capacity=6 * MiB, segment=2 * MiB, ttl=5
+        )
         self.use = 0
         self.last_use: dict[CacheKey, int] = {}  # committed keys -> recency
         self.locks: dict[CacheKey, list[float]] = {}
@@ -329,7 +333,9 @@ class StorageMachine(RuleBasedStateMachine):
     def memory_is_consistent(self) -> None:
         check_invariants(self.tier.arena)
         stats = self.m.statistics()
-        assert stats.tier.used_bytes + stats.tier.free_bytes == stats.tier.capacity_bytes
+        assert (
+            stats.tier.used_bytes + stats.tier.free_bytes == stats.tier.capacity_bytes
+        )
         live = self.tier.arena.live_extents
         indexed = sum(1 for _ in self.m.entries())
         assert live == indexed + stats.doomed_chunks

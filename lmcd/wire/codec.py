@@ -8,7 +8,7 @@ carries the failure reply the client must still get. No trio, zmq or torch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -185,7 +185,9 @@ def _decode_keys(data: bytes) -> tuple[CacheKey, ...]:
     expanded = 0
     for key in keys:
         if not 1 <= key.world_size <= MAX_WORLD_SIZE:
-            raise ProtocolError(f"world_size {key.world_size} out of 1..{MAX_WORLD_SIZE}")
+            raise ProtocolError(
+                f"world_size {key.world_size} out of 1..{MAX_WORLD_SIZE}"
+            )
         if key.worker_id is None:
             expanded += key.world_size
         elif not 0 <= key.worker_id < key.world_size:
@@ -260,7 +262,7 @@ def _lookup(p: Sequence[bytes]) -> Request:
     return Lookup(_decode_keys(p[0]), bool(lock))
 
 
-_DECODERS = {
+_DECODERS: dict[RequestType, Callable[[Sequence[bytes]], Request]] = {
     RequestType.REGISTER_KV_CACHE: _register,
     RequestType.UNREGISTER_KV_CACHE: lambda p: UnregisterKVCache(
         _decode_instance_id(p[0])

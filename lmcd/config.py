@@ -1,0 +1,57 @@
+"""Daemon settings, validated once at start-up."""
+
+from __future__ import annotations
+
+import attrs
+
+from lmcd.errors import ConfigError
+from lmcd.transfer.cuda import DEFAULT_STAGING_BYTES
+from lmcd_backends.pinned_cpu import DEFAULT_SEGMENT_BYTES
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@attrs.frozen
+class Config:
+    """`lmcd serve`'s flags. Defaults are the reference server's."""
+
+    host: str = "localhost"
+    port: int = 5555
+    chunk_size: int = 256
+    cpu_buffer_size: float = 5.0  # GiB, like the reference's "GB"
+    max_workers: int = 1
+    lock_ttl: float = 300.0
+    staging_mb: int = DEFAULT_STAGING_BYTES // MiB
+    segment_mb: int = DEFAULT_SEGMENT_BYTES // MiB
+    shutdown_grace: float = 3.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.chunk_size <= 0:
+            raise ConfigError(f"--chunk-size must be > 0 (got {self.chunk_size})")
+        if not self.cpu_buffer_size > 0:
+            raise ConfigError(
+                f"--cpu-buffer-size must be > 0 (got {self.cpu_buffer_size})"
+            )
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be in 0..65535 (got {self.port})")
+        if self.max_workers < 1:
+            raise ConfigError(f"--max-workers must be >= 1 (got {self.max_workers})")
+        if not self.lock_ttl > 0:
+            raise ConfigError(f"--lock-ttl must be > 0 (got {self.lock_ttl})")
+        if self.staging_mb < 1 or self.segment_mb < 1:
+            raise ConfigError("--staging-mb and --segment-mb must be >= 1")
+        if self.buffer_bytes < 4096:
+            raise ConfigError("--cpu-buffer-size is smaller than one 4 KiB page")
+
+    @property
+    def buffer_bytes(self) -> int:
+        return int(self.cpu_buffer_size * GiB)
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.staging_mb * MiB
+
+    @property
+    def segment_bytes(self) -> int:
+        return self.segment_mb * MiB

@@ -1,0 +1,133 @@
+"""The daemon: one Trio nursery holding listener, handlers, scheduler, storage.
+
+    typer CLI -- lmcd serve --> trio.run(Daemon.run)
+                                 nursery
+                                 |-- listener   ZMQ ROUTER <-> frames
+                                 |-- handlers   inline control plane, a task per copy
+                                 |-- scheduler  in-flight copies and completions
+                                 `-- storage    index, locks, LRU over a tier
+
+Shutdown (SIGINT/SIGTERM, or cancellation): stop receiving, give in-flight
+requests `grace` seconds to finish and be answered, then cancel the rest and
+close the socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import attrs
+import trio
+
+from lmcd.config import Config
+from lmcd.handlers import Handlers
+from lmcd.listener import Listener
+from lmcd.scheduler import TransferScheduler
+from lmcd.storage import StorageManager
+from lmcd_backends.pinned_cpu import PinnedCpuTier
+
+log = logging.getLogger(__name__)
+
+
+@attrs.define(slots=True, eq=False)
+class Daemon:
+    """Everything `lmcd serve` runs, wired together."""
+
+    config: Config
+    storage: StorageManager = attrs.field(init=False)
+    scheduler: TransferScheduler = attrs.field(init=False)
+    handlers: Handlers = attrs.field(init=False)
+    listener: Listener = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        cfg = self.config
+        tier = PinnedCpuTier(cfg.buffer_bytes, segment_bytes=cfg.segment_bytes)
+        self.storage = StorageManager(
+            tier=tier, clock=time.monotonic, lock_ttl=cfg.lock_ttl
+        )
+        self.scheduler = TransferScheduler(
+            self.storage, cfg.chunk_size, cfg.max_workers, cfg.staging_bytes
+        )
+        self.listener = Listener(cfg.host, cfg.port, self._on_message)
+        self.handlers = Handlers(
+            self.storage,
+            self.scheduler,
+            cfg.chunk_size,
+            self.listener.send,
+            extra_stats=self._extra_stats,
+        )
+
+    def _on_message(self, identity: bytes, frames: list[bytes]) -> None:
+        self.handlers.on_message(identity, frames)
+
+    def _extra_stats(self) -> dict[str, object]:
+        return {
+            "pinned_memory": bool(getattr(self.storage.tier, "pinned", False)),
+            "busy_workers": self.scheduler.busy_workers,
+            "max_workers": self.config.max_workers,
+            "pending_replies": self.listener.pending_replies,
+            "dropped_replies": self.listener.dropped_replies,
+        }
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until cancelled or signalled; `started(endpoint)` once bound.
+
+        Raises `ConfigError` when the address cannot be bound.
+        """
+        endpoint = self.listener.bind()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.scheduler.run)
+                await nursery.start(self.handlers.run)
+                await nursery.start(self.listener.run)
+                log.info(
+                    "lmcd %s listening on %s (chunk size %d, CPU buffer %.2f GiB, "
+                    "%d worker%s)",
+                    _version(),
+                    endpoint,
+                    self.config.chunk_size,
+                    self.config.cpu_buffer_size,
+                    self.config.max_workers,
+                    "" if self.config.max_workers == 1 else "s",
+                )
+                task_status.started(endpoint)
+                with trio.open_signal_receiver(
+                    signal.SIGINT, signal.SIGTERM
+                ) as signals:
+                    async for signum in signals:
+                        log.info(
+                            "Received %s, shutting down", signal.Signals(signum).name
+                        )
+                        break
+                await self.shutdown()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.listener.close()
+            log.info("lmcd stopped")
+
+    async def shutdown(self) -> None:
+        """Stop receiving and let in-flight requests finish within the grace."""
+        self.listener.stop_accepting()
+        with trio.move_on_after(self.config.shutdown_grace) as scope:
+            await self.handlers.drain()
+        if scope.cancelled_caught:
+            log.warning(
+                "%d requests still running after %.1f s; cancelling",
+                self.handlers.inflight,
+                self.config.shutdown_grace,
+            )
+        # Let the listener push out the last replies before it is cancelled.
+        with trio.move_on_after(0.5):
+            # Shutdown only, bounded: the outbox has no event to wait on.
+            while self.listener.pending_replies:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+
+
+def _version() -> str:
+    from lmcd import __version__
+
+    return __version__

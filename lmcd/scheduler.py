@@ -1,0 +1,360 @@
+"""The transfer scheduler: owns registered KV caches and every in-flight copy.
+
+It runs on the Trio thread. A STORE reserves chunks in the storage manager,
+hands the copy plan (block ids and reserved buffers) to a worker thread
+behind a `CapacityLimiter(max_workers)`, and commits the chunks only once
+the copy has finished — for the CUDA path, once the recorded event has
+completed, polled here without blocking Trio. A RETRIEVE pins its chunks for
+the copy and unpins (releasing lookup locks) when it is done. Workers never
+touch the index.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import attrs
+import trio
+
+from lmcd.errors import LmcdError, RegistrationError, TransferError
+from lmcd.storage import StorageManager
+from lmcd.transfer import cuda, host
+from lmcd.transfer.layouts import KVLayout, chunk_block_ids
+from lmcd.wire.types import (
+    CacheKey,
+    CudaTensorRef,
+    HostTensorRef,
+    RegisterKVCache,
+    Retrieve,
+    Store,
+)
+
+log = logging.getLogger(__name__)
+
+# How often an unfinished CUDA event is polled (seconds, doubling to the max).
+_POLL_MIN = 0.0002
+_POLL_MAX = 0.005
+
+
+@attrs.define(slots=True, eq=False)
+class Instance:
+    """One registered KV cache (one vLLM worker)."""
+
+    instance_id: int
+    kind: Literal["cuda", "host"]
+    kv: host.HostKV | cuda.CudaKV
+    blocks_per_chunk: int
+    inflight: int = 0
+    closing: bool = False
+    idle: trio.Event = attrs.field(factory=trio.Event)
+
+    @property
+    def layout(self) -> KVLayout:
+        return self.kv.layout
+
+    def describe(self) -> dict[str, Any]:
+        layout = self.layout
+        return {
+            "instance_id": self.instance_id,
+            "kind": self.kind,
+            "layout": layout.kind,
+            "layers": layout.num_layers,
+            "dtype": layout.dtype,
+            "block_size": layout.block_size,
+            "num_blocks": layout.num_blocks,
+            "hidden": layout.hidden,
+            "inflight": self.inflight,
+        }
+
+
+@attrs.define(slots=True)
+class TransferScheduler:
+    """Registers KV caches and runs STORE and RETRIEVE copies."""
+
+    storage: StorageManager
+    chunk_size: int
+    max_workers: int = 1
+    staging_bytes: int = cuda.DEFAULT_STAGING_BYTES
+    _limiter: trio.CapacityLimiter = attrs.field(init=False)
+    _instances: dict[int, Instance] = attrs.field(factory=dict, init=False)
+    _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._limiter = trio.CapacityLimiter(self.max_workers)
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Hold the nursery in which CUDA completions are awaited."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            for instance in self._instances.values():
+                instance.kv.close()
+            self._instances.clear()
+
+    @property
+    def busy_workers(self) -> int:
+        return int(self._limiter.borrowed_tokens)
+
+    def instances(self) -> list[Instance]:
+        return list(self._instances.values())
+
+    # -- registration --------------------------------------------------------
+
+    async def register(self, request: RegisterKVCache) -> Instance:
+        """Open the request's KV cache (replacing one of the same id).
+
+        Raises `RegistrationError` when it cannot be opened.
+        """
+        if request.instance_id in self._instances:
+            log.warning("GPU ID %d registered again; replacing", request.instance_id)
+            await self.unregister(request.instance_id)
+        refs = request.layers
+        if all(isinstance(r, HostTensorRef) for r in refs):
+            host_refs = [r for r in refs if isinstance(r, HostTensorRef)]
+            kv: host.HostKV | cuda.CudaKV = await trio.to_thread.run_sync(
+                host.open_host_kv, host_refs
+            )
+            kind: Literal["cuda", "host"] = "host"
+        elif all(isinstance(r, CudaTensorRef) for r in refs):
+            cuda_refs = [r for r in refs if isinstance(r, CudaTensorRef)]
+            kv = await trio.to_thread.run_sync(
+                cuda.open_cuda_kv, cuda_refs, self.staging_bytes
+            )
+            kind = "cuda"
+        else:
+            raise RegistrationError("KV cache mixes CUDA and host layers")
+        try:
+            blocks = kv.layout.blocks_per_chunk(self.chunk_size)
+        except RegistrationError:
+            kv.close()
+            raise
+        instance = Instance(request.instance_id, kind, kv, blocks)
+        self._instances[request.instance_id] = instance
+        log.info(
+            "Registered KV cache for GPU ID %d with %d layers",
+            request.instance_id,
+            kv.layout.num_layers,
+        )
+        return instance
+
+    async def unregister(self, instance_id: int) -> bool:
+        """Wait for the instance's copies, then release everything it held.
+        Returns False (and logs a warning) for an unknown instance."""
+        instance = self._instances.get(instance_id)
+        if instance is None:
+            log.warning("No KV cache found for GPU ID %d to unregister", instance_id)
+            return False
+        instance.closing = True
+        if instance.inflight:
+            await instance.idle.wait()
+        if self._instances.get(instance_id) is instance:
+            del self._instances[instance_id]
+        instance.kv.close()
+        log.info("Unregistered KV cache for GPU ID %d", instance_id)
+        return True
+
+    def _instance(self, instance_id: int) -> Instance:
+        instance = self._instances.get(instance_id)
+        if instance is None or instance.closing:
+            raise TransferError(f"no KV cache registered for GPU ID {instance_id}")
+        return instance
+
+    def _plan(
+        self, instance: Instance, keys: Sequence[CacheKey], block_ids: Sequence[int]
+    ) -> list[Sequence[int]]:
+        if any(k.worker_id is None for k in keys):
+            raise TransferError("STORE and RETRIEVE keys must name a worker (rank)")
+        return chunk_block_ids(
+            block_ids, len(keys), instance.blocks_per_chunk, instance.layout.num_blocks
+        )
+
+    def _begin(self, instance: Instance) -> None:
+        if not instance.inflight:
+            instance.idle = trio.Event()
+        instance.inflight += 1
+
+    def _end(self, instance: Instance) -> None:
+        instance.inflight -= 1
+        if not instance.inflight:
+            instance.idle.set()
+
+    # -- store ---------------------------------------------------------------
+
+    async def store(self, request: Store) -> list[object]:
+        """Carry out a STORE; returns `[event_handle, ok]`.
+
+        Raises `TransferError` for an unknown instance or bad block ids (the
+        caller answers with a failure).
+        """
+        started = time.perf_counter()
+        instance = self._instance(request.instance_id)
+        plan = self._plan(instance, request.keys, request.block_ids)
+        layout = instance.layout
+        reservation = self.storage.reserve(
+            request.keys, layout.chunk_bytes(self.chunk_size), layout.tag
+        )
+        if not reservation.entries:
+            return [request.event_handle, reservation.ok]
+        chunks = [
+            (plan[i], self.storage.buffer(entry))
+            for i, entry in zip(reservation.indices, reservation.entries, strict=True)
+        ]
+        self._begin(instance)
+        try:
+            if isinstance(instance.kv, host.HostKV):
+                await trio.to_thread.run_sync(
+                    host.gather, instance.kv, chunks, limiter=self._limiter
+                )
+                reply: list[object] = [request.event_handle, reservation.ok]
+                done = None
+            else:
+                done, keep = await trio.to_thread.run_sync(
+                    cuda.store,
+                    instance.kv,
+                    request.event_handle,
+                    chunks,
+                    self.chunk_size,
+                    limiter=self._limiter,
+                )
+                reply = [bytes(done.ipc_handle()), reservation.ok]
+        except BaseException as e:
+            self.storage.abort(reservation)
+            self._end(instance)
+            if isinstance(e, LmcdError | RuntimeError | ValueError):
+                raise TransferError(f"store copy failed: {e}") from e
+            raise
+        if done is None:
+            self.storage.commit(reservation)
+            self._end(instance)
+            self._log("Stored", len(chunks), started)
+        else:
+            assert self._nursery is not None
+            self._nursery.start_soon(
+                self._commit_when_done,
+                instance,
+                done,
+                keep,
+                reservation,
+                len(chunks),
+                started,
+            )
+        return reply
+
+    async def _commit_when_done(
+        self,
+        instance: Instance,
+        done: Any,
+        keep: list[Any],
+        reservation: Any,
+        n: int,
+        started: float,
+    ) -> None:
+        try:
+            await _wait_event(done)
+        except BaseException:
+            self.storage.abort(reservation)
+            raise
+        else:
+            self.storage.commit(reservation)
+            self._log("Stored", n, started)
+        finally:
+            keep.clear()
+            self._end(instance)
+
+    # -- retrieve ------------------------------------------------------------
+
+    async def retrieve(self, request: Retrieve) -> list[object]:
+        """Carry out a RETRIEVE; returns `[event_handle, found]`.
+
+        `found` is true for the leading chunks that were copied. Raises
+        `TransferError` for an unknown instance or bad block ids.
+        """
+        started = time.perf_counter()
+        instance = self._instance(request.instance_id)
+        plan = self._plan(instance, request.keys, request.block_ids)
+        layout = instance.layout
+        pin = self.storage.pin(
+            request.keys, layout.chunk_bytes(self.chunk_size), layout.tag
+        )
+        n = len(pin.entries)
+        found = [True] * n + [False] * (len(request.keys) - n)
+        if not n:
+            return [request.event_handle, found]
+        chunks = [(plan[i], self.storage.buffer(e)) for i, e in enumerate(pin.entries)]
+        self._begin(instance)
+        try:
+            if isinstance(instance.kv, host.HostKV):
+                await trio.to_thread.run_sync(
+                    host.scatter, instance.kv, chunks, limiter=self._limiter
+                )
+                done = None
+                reply: list[object] = [request.event_handle, found]
+            else:
+                done, keep = await trio.to_thread.run_sync(
+                    cuda.retrieve,
+                    instance.kv,
+                    request.event_handle,
+                    chunks,
+                    self.chunk_size,
+                    limiter=self._limiter,
+                )
+                reply = [bytes(done.ipc_handle()), found]
+        except BaseException as e:
+            self.storage.unpin(pin, completed=False)
+            self._end(instance)
+            if isinstance(e, LmcdError | RuntimeError | ValueError):
+                raise TransferError(f"retrieve copy failed: {e}") from e
+            raise
+        if done is None:
+            self.storage.unpin(pin, completed=True)
+            self._end(instance)
+            self._log("Retrieved", n, started)
+        else:
+            assert self._nursery is not None
+            self._nursery.start_soon(
+                self._unpin_when_done, instance, done, keep, pin, n, started
+            )
+        return reply
+
+    async def _unpin_when_done(
+        self,
+        instance: Instance,
+        done: Any,
+        keep: list[Any],
+        pin: Any,
+        n: int,
+        started: float,
+    ) -> None:
+        completed = False
+        try:
+            await _wait_event(done)
+            completed = True
+            self._log("Retrieved", n, started)
+        finally:
+            self.storage.unpin(pin, completed=completed)
+            keep.clear()
+            self._end(instance)
+
+    def _log(self, verb: str, chunks: int, started: float) -> None:
+        log.info(
+            "%s %d tokens in %.3f seconds",
+            verb,
+            chunks * self.chunk_size,
+            time.perf_counter() - started,
+        )
+
+
+async def _wait_event(event: Any) -> None:
+    delay = _POLL_MIN
+    while not cuda.query(event):
+        await trio.sleep(delay)
+        delay = min(delay * 2, _POLL_MAX)

@@ -1,0 +1,156 @@
+"""The host path: KV caches in `/dev/shm` files, copied on the CPU.
+
+REGISTER_KV_CACHE with extension code 2 names, per layer, a file under
+`/dev/shm`, a byte offset, a shape and a dtype. The daemon maps each file
+read-write (MAP_SHARED, no copy), so it sees the client's writes and the
+client sees its own. Copies run in a worker thread on the plan the scheduler
+hands over; they never touch the storage index.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import stat
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from lmcd.errors import RegistrationError
+from lmcd.transfer.layouts import DTYPE_SIZES, KVLayout
+from lmcd.wire.types import HostTensorRef
+
+log = logging.getLogger(__name__)
+
+SHM_ROOT = "/dev/shm"
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype called `name` (e.g. "bfloat16")."""
+    import torch
+
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise RegistrationError(f"unknown torch dtype {name!r}")
+    return dtype
+
+
+@attrs.define(slots=True)
+class HostKV:
+    """An opened host KV cache: one `[K, num_blocks, block_row]` view per layer."""
+
+    layout: KVLayout
+    layers: list[Any]
+    _maps: list[mmap.mmap]
+
+    def close(self) -> None:
+        """Drop the views and unmap the files."""
+        self.layers.clear()
+        for m in self._maps:
+            try:
+                m.close()
+            except BufferError:  # a view is still alive somewhere; GC unmaps it
+                log.warning("shared-memory map still in use; left to the GC")
+        self._maps.clear()
+
+
+def _checked_path(path: str) -> str:
+    real = os.path.realpath(path)
+    if not real.startswith(SHM_ROOT + "/"):
+        raise RegistrationError(f"host KV cache {path!r} is not under {SHM_ROOT}")
+    return real
+
+
+def open_host_kv(refs: Sequence[HostTensorRef]) -> HostKV:
+    """Map every layer of a host KV cache. Raises `RegistrationError` for a
+    path outside /dev/shm, a file too small for shape and dtype, or layers
+    that differ in shape or dtype."""
+
+    layout = KVLayout.detect([r.shape for r in refs], [r.dtype for r in refs])
+    maps: dict[str, mmap.mmap] = {}
+    layers: list[Any] = []
+    try:
+        for ref in refs:
+            real = _checked_path(ref.path)
+            if real not in maps:
+                maps[real] = _map(real)
+            flat = _window(maps[real], ref)
+            typed = flat.view(torch_dtype(ref.dtype))
+            layers.append(
+                typed.view(layout.planes, layout.num_blocks, layout.block_row)
+            )
+    except BaseException:
+        layers.clear()
+        for m in maps.values():
+            m.close()
+        raise
+    return HostKV(layout, layers, list(maps.values()))
+
+
+def _window(m: mmap.mmap, ref: HostTensorRef) -> Any:
+    """The bytes of `ref` inside its file's map, as a uint8 tensor."""
+    import torch
+
+    nbytes = DTYPE_SIZES[ref.dtype]
+    for d in ref.shape:
+        nbytes *= d
+    if ref.offset % DTYPE_SIZES[ref.dtype] or ref.offset + nbytes > len(m):
+        raise RegistrationError(
+            f"{ref.path}: {nbytes} bytes at offset {ref.offset} do not fit "
+            f"a {len(m)}-byte file (or the offset is misaligned)"
+        )
+    return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=ref.offset)
+
+
+def _map(path: str) -> mmap.mmap:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError as e:
+        raise RegistrationError(f"cannot open {path}: {e.strerror}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            raise RegistrationError(f"{path} is not a non-empty regular file")
+        return mmap.mmap(
+            fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+        )
+    finally:
+        os.close(fd)
+
+
+def _chunk_view(kv: HostKV, buffer: Any, blocks: int) -> Any:
+    layout = kv.layout
+    nbytes = layout.chunk_bytes(blocks * layout.block_size)
+    typed = buffer[:nbytes].view(torch_dtype(layout.dtype))
+    return typed.view(layout.planes, layout.num_layers, blocks, layout.block_row)
+
+
+def gather(kv: HostKV, chunks: Sequence[tuple[Sequence[int], Any]]) -> None:
+    """Copy each chunk's blocks out of the KV cache into its buffer.
+
+    `chunks` is `[(block_ids, uint8 buffer)]`; the buffer receives the chunk
+    in `[K, layers, tokens, hidden]` order.
+    """
+    import torch
+
+    for block_ids, buffer in chunks:
+        index = torch.tensor(block_ids, dtype=torch.long)
+        dest = _chunk_view(kv, buffer, len(block_ids))
+        for layer, src in enumerate(kv.layers):
+            for plane in range(kv.layout.planes):
+                torch.index_select(src[plane], 0, index, out=dest[plane, layer])
+
+
+def scatter(kv: HostKV, chunks: Sequence[tuple[Sequence[int], Any]]) -> None:
+    """Copy each chunk's buffer into its blocks of the KV cache (reverse of
+    `gather`)."""
+    import torch
+
+    for block_ids, buffer in chunks:
+        index = torch.tensor(block_ids, dtype=torch.long)
+        src = _chunk_view(kv, buffer, len(block_ids))
+        for layer, dest in enumerate(kv.layers):
+            for plane in range(kv.layout.planes):
+                dest[plane].index_copy_(0, index, src[plane, layer])

@@ -1,0 +1,242 @@
+"""The codec against frames captured from the real client (wire-vectors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from lmcd.errors import ProtocolError
+from lmcd.wire import (
+    PayloadError,
+    RequestType,
+    decode_header,
+    decode_request,
+    encode_reply,
+)
+from lmcd.wire.types import (
+    CacheKey,
+    Clear,
+    CudaTensorRef,
+    GetChunkSize,
+    HostTensorRef,
+    Lookup,
+    Noop,
+    RegisterKVCache,
+    Retrieve,
+    Store,
+    UnregisterKVCache,
+)
+from lmcd.wire.unpickle import load_cuda_ipc_wrapper
+
+
+def _vectors_path() -> Path:
+    here = Path(__file__).resolve().parent
+    for root in (here.parent, here.parent.parent):
+        p = root / "shared" / "wire-vectors" / "lmcache-0.3.13.json"
+        if p.exists():
+            return p
+    return here / "data" / "lmcache-0.3.13.json"
+
+
+VECTORS = json.loads(_vectors_path().read_text())["vectors"]
+
+
+def frames(hexes: list[str]) -> list[bytes]:
+    return [bytes.fromhex(h) for h in hexes]
+
+
+def test_request_type_values_match_the_capture() -> None:
+    types = json.loads(_vectors_path().read_text())["request_types"]
+    assert {t.name: t.value for t in RequestType if t.name in types} == types
+
+
+EXPECTED_TYPES = {
+    "GET_CHUNK_SIZE": GetChunkSize,
+    "NOOP": Noop,
+    "LOOKUP": Lookup,
+    "STORE": Store,
+    "RETRIEVE": Retrieve,
+    "CLEAR": Clear,
+    "REGISTER_KV_CACHE": RegisterKVCache,
+    "UNREGISTER_KV_CACHE": UnregisterKVCache,
+}
+
+
+@pytest.mark.parametrize("vector", VECTORS, ids=lambda v: v["request"])
+def test_vectors_decode_and_replies_encode_byte_exact(vector: dict[str, Any]) -> None:
+    header = decode_header(frames(vector["client_frames_hex"]))
+    request = decode_request(header)
+    assert isinstance(request, EXPECTED_TYPES[vector["request"]])
+    reply = frames(vector["reply_frames_hex"])
+    value = msgspec.msgpack.decode(reply[2]) if len(reply) > 2 else None
+    assert encode_reply(header, value) == reply
+
+
+def test_lookup_vector_contents() -> None:
+    v = next(v for v in VECTORS if v["request"] == "LOOKUP")
+    request = decode_request(decode_header(frames(v["client_frames_hex"])))
+    assert isinstance(request, Lookup)
+    assert request.lock is True
+    assert request.keys[0] == CacheKey("Qwen/Qwen3-14B", 2, None, bytes(range(32)))
+
+
+def test_register_vectors_decode_both_wrapper_forms() -> None:
+    refs = []
+    for v in VECTORS:
+        if v["request"] == "REGISTER_KV_CACHE":
+            request = decode_request(decode_header(frames(v["client_frames_hex"])))
+            assert isinstance(request, RegisterKVCache)
+            refs.extend(request.layers)
+    assert all(isinstance(r, CudaTensorRef) for r in refs)
+    cuda_refs = [r for r in refs if isinstance(r, CudaTensorRef)]
+    assert {r.dtype for r in cuda_refs} <= {"bfloat16", "float16"}
+    assert any(r.device_uuid is not None for r in cuda_refs)
+    assert any(r.device is not None for r in cuda_refs)
+    assert cuda_refs[0].shape == (2, 1000, 16, 8, 128)
+
+
+class _Evil:
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.system, ("touch /tmp/lmcd-pwned",))
+
+
+def test_unpickler_refuses_code_execution() -> None:
+    with pytest.raises(ProtocolError, match=r"not allowed"):
+        load_cuda_ipc_wrapper(pickle.dumps(_Evil()))
+    assert not os.path.exists("/tmp/lmcd-pwned")
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"handle": 1},
+        [1, 2, 3],
+        "just a string",
+    ],
+)
+def test_unpickler_refuses_other_objects(obj: object) -> None:
+    with pytest.raises(ProtocolError):
+        load_cuda_ipc_wrapper(pickle.dumps(obj))
+
+
+def test_unpickler_refuses_garbage() -> None:
+    with pytest.raises(ProtocolError):
+        load_cuda_ipc_wrapper(b"\x80\x04garbage")
+
+
+def _enc(value: object) -> bytes:
+    return msgspec.msgpack.encode(value)
+
+
+KEY = {"model_name": "m", "world_size": 1, "worker_id": 0, "chunk_hash": b"h"}
+
+
+@pytest.mark.parametrize(
+    ("name", "message", "error"),
+    [
+        ("no frames", [], "frames"),
+        ("one frame", [_enc(1)], "frames"),
+        ("uid not an int", [b"\xa1x", _enc(8)], "undecodable"),
+        ("type not an int", [_enc(1), b"\xc1"], "undecodable"),
+    ],
+)
+def test_unanswerable_headers(name: str, message: list[bytes], error: str) -> None:
+    with pytest.raises(ProtocolError, match=error):
+        decode_header(message)
+
+
+def _payload_error(message: list[bytes]) -> PayloadError:
+    with pytest.raises(PayloadError) as info:
+        decode_request(decode_header(message))
+    return info.value
+
+
+def test_unknown_type_is_answered_without_a_value() -> None:
+    err = _payload_error([_enc(1), _enc(77)])
+    assert err.reply is None
+
+
+def test_wrong_payload_count_gets_the_typed_failure() -> None:
+    err = _payload_error([_enc(1), _enc(5), _enc([KEY, KEY])])
+    assert err.reply == [False, False]
+
+
+def test_bad_store_payload_echoes_the_client_handle() -> None:
+    err = _payload_error(
+        [_enc(1), _enc(3), _enc([KEY]), _enc("x"), _enc([0]), _enc(b"ev")]
+    )
+    assert err.reply == [b"ev", False]
+
+
+def test_bad_retrieve_payload_answers_false_per_key() -> None:
+    err = _payload_error(
+        [_enc(1), _enc(4), _enc([KEY, KEY]), _enc(1), _enc("nope"), _enc(b"ev")]
+    )
+    assert err.reply == [b"ev", [False, False]]
+
+
+@pytest.mark.parametrize(
+    ("key", "error"),
+    [
+        ({**KEY, "world_size": 10**6}, "world_size"),
+        ({**KEY, "world_size": 0}, "world_size"),
+        ({**KEY, "worker_id": 5}, "worker_id"),
+        ({**KEY, "chunk_hash": "text"}, "bytes"),
+        ({**KEY, "extra": 1}, "unknown field"),
+    ],
+)
+def test_bad_keys_are_refused(key: dict[str, object], error: str) -> None:
+    err = _payload_error([_enc(1), _enc(5), _enc([key]), _enc(True)])
+    assert error in str(err)
+    assert err.reply == [False]
+
+
+def test_nil_worker_keys_expand_within_bounds() -> None:
+    keys = [{**KEY, "worker_id": None, "world_size": 1024}] * 2000
+    err = _payload_error([_enc(1), _enc(5), _enc(keys), _enc(True)])
+    assert "expand" in str(err)
+
+
+def test_oversized_frame_is_refused_before_decoding() -> None:
+    huge = _enc(list(range(2_000_000)))
+    err = _payload_error([_enc(1), _enc(3), _enc([KEY]), _enc(1), huge, _enc(b"e")])
+    assert "over" in str(err)
+    assert err.reply == [b"e", False]
+
+
+def test_host_tensor_extension() -> None:
+    ext = msgspec.msgpack.Ext(
+        2,
+        _enc(
+            {"path": "/dev/shm/x", "offset": 0, "shape": [4, 16, 8], "dtype": "float16"}
+        ),
+    )
+    request = decode_request(decode_header([_enc(1), _enc(1), _enc(7), _enc([ext])]))
+    assert isinstance(request, RegisterKVCache)
+    assert request.layers == (HostTensorRef("/dev/shm/x", 0, (4, 16, 8), "float16"),)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"path": "/dev/shm/x", "offset": 0, "shape": [4], "dtype": "complex64"},
+        {"path": "/dev/shm/x", "offset": -1, "shape": [4], "dtype": "float16"},
+        {"path": "/dev/shm/x", "offset": 0, "shape": [], "dtype": "float16"},
+        {"path": "/dev/shm/x", "shape": [4], "dtype": "float16"},
+    ],
+)
+def test_bad_host_tensor_extensions(data: dict[str, object]) -> None:
+    ext = msgspec.msgpack.Ext(2, _enc(data))
+    err = _payload_error([_enc(1), _enc(1), _enc(7), _enc([ext])])
+    assert err.reply is None
+
+
+def test_unknown_extension_code() -> None:
+    ext = msgspec.msgpack.Ext(9, b"")
+    _payload_error([_enc(1), _enc(1), _enc(7), _enc([ext])])
