@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from lmcd.errors import ConfigError
+from lmcd.errors import ConfigError, LmcdError
 
 app = typer.Typer(
     name="lmcd",
@@ -60,6 +60,10 @@ def serve(
     segment_mb: Annotated[
         int, typer.Option(help="Size of each pinned-memory segment (MiB).")
     ] = 1024,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve Prometheus /metrics and /healthz on this port."),
+    ] = None,
     log_level: Annotated[
         str, typer.Option(help="debug, info, warning or error.")
     ] = "info",
@@ -82,6 +86,7 @@ def serve(
             lock_ttl=lock_ttl,
             staging_mb=staging_mb,
             segment_mb=segment_mb,
+            metrics_port=metrics_port,
         )
     except ConfigError as e:
         raise _fail(str(e), 2) from None
@@ -91,8 +96,69 @@ def serve(
         trio.run(daemon.run)
     except ConfigError as e:
         raise _fail(str(e), 1) from None
+    except BaseExceptionGroup as group:
+        # Trio nurseries wrap errors in groups; a ConfigError is still a
+        # user's mistake (a busy port), not a crash.
+        config_errors, _ = group.split(ConfigError)
+        if config_errors is None:
+            raise
+        raise _fail(str(_first_leaf(config_errors)), 1) from None
     except KeyboardInterrupt:
         pass
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+@app.command()
+def inspect(
+    host: Annotated[str, typer.Option(help="The daemon's address.")] = "localhost",
+    port: Annotated[int, typer.Option(help="The daemon's port.")] = 5555,
+    json_: Annotated[
+        bool, typer.Option("--json", help="Print the STATS map as JSON.")
+    ] = False,
+    watch: Annotated[
+        float | None, typer.Option(help="Refresh every SECONDS, with rates.")
+    ] = None,
+    check: Annotated[
+        bool, typer.Option(help="Exit 0 if the daemon answers, 1 if not (probes).")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for an answer.")
+    ] = 2.0,
+) -> None:
+    """Show a running daemon's cache statistics."""
+    import json
+
+    from rich.console import Console
+
+    from lmcd.client import Client
+    from lmcd.inspect import render
+    from lmcd.inspect import watch as watch_stats
+
+    with Client(host, port) as client:
+        try:
+            stats = client.stats(timeout)
+        except LmcdError as e:
+            raise _fail(str(e), 1) from None
+        if check:
+            typer.echo(f"lmcd at {client.url} is serving ({stats['chunks']} chunks)")
+            return
+        if json_:
+            typer.echo(json.dumps(stats, indent=2, sort_keys=True))
+            return
+        console = Console()
+        if watch is None:
+            console.print(render(stats))
+            return
+        try:
+            watch_stats(lambda: client.stats(timeout), watch, console)
+        except LmcdError as e:
+            raise _fail(str(e), 1) from None
+        except KeyboardInterrupt:
+            pass
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ class Config:
     staging_mb: int = DEFAULT_STAGING_BYTES // MiB
     segment_mb: int = DEFAULT_SEGMENT_BYTES // MiB
     shutdown_grace: float = 3.0
+    metrics_port: int | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -35,6 +36,10 @@ class Config:
             )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in 0..65535 (got {self.port})")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(
+                f"--metrics-port must be in 0..65535 (got {self.metrics_port})"
+            )
         if self.max_workers < 1:
             raise ConfigError(f"--max-workers must be >= 1 (got {self.max_workers})")
         if not self.lock_ttl > 0:

@@ -84,6 +84,8 @@ class Daemon:
                 await nursery.start(self.scheduler.run)
                 await nursery.start(self.handlers.run)
                 await nursery.start(self.listener.run)
+                if self.config.metrics_port is not None:
+                    await self._start_metrics(nursery)
                 log.info(
                     "lmcd %s listening on %s (chunk size %d, CPU buffer %.2f GiB, "
                     "%d worker%s)",
@@ -108,6 +110,15 @@ class Daemon:
         finally:
             self.listener.close()
             log.info("lmcd stopped")
+
+    async def _start_metrics(self, nursery: trio.Nursery) -> None:
+        from lmcd import metrics
+
+        app = metrics.make_app(self.handlers.stats, lambda: self.listener.serving)
+        port = self.config.metrics_port
+        assert port is not None
+        urls = await nursery.start(metrics.serve, app, self.config.host, port)
+        log.info("Metrics on %s/metrics", urls[0] if urls else port)
 
     async def shutdown(self) -> None:
         """Stop receiving and let in-flight requests finish within the grace."""

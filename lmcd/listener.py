@@ -49,6 +49,7 @@ class Listener:
     _outbox: deque[Sequence[bytes]] = attrs.field(factory=deque, init=False)
     _wait_scope: trio.CancelScope | None = attrs.field(default=None, init=False)
     _accepting: bool = attrs.field(default=True, init=False)
+    _running: bool = attrs.field(default=False, init=False)
     endpoint: str = attrs.field(default="", init=False)
 
     def bind(self) -> str:
@@ -80,6 +81,7 @@ class Listener:
         assert sock is not None
         fd = int(cast(int, sock.getsockopt(zmq.FD)))
         task_status.started(self.endpoint)
+        self._running = True
         try:
             while True:
                 handled = 0
@@ -110,6 +112,12 @@ class Listener:
                 self._wait_scope = None
         finally:
             self._wait_scope = None
+            self._running = False
+
+    @property
+    def serving(self) -> bool:
+        """Bound and receiving requests."""
+        return self._socket is not None and self._accepting and self._running
 
     def stop_accepting(self) -> None:
         """Receive no more requests; replies still go out."""

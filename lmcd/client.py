@@ -1,0 +1,76 @@
+"""A small synchronous client of lmcd's protocol (for `inspect` and `bench`).
+
+vLLM talks to lmcd through lmcache's own client; this one exists so that
+lmcd's tools need neither lmcache nor a GPU. It speaks the same frames:
+`[uid, type, payload...]` out, `[uid, type, value?]` back.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import msgspec
+import zmq
+
+from lmcd.errors import LmcdError
+from lmcd.wire.types import RequestType
+
+
+class Unreachable(LmcdError):
+    """No answer from the daemon within the timeout."""
+
+
+class Client:
+    """A DEALER socket with blocking calls and a per-call timeout."""
+
+    def __init__(self, host: str = "localhost", port: int = 5555) -> None:
+        self.url = f"tcp://{host}:{port}"
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.url)
+        self._uids = itertools.count()
+        self._encoder = msgspec.msgpack.Encoder()
+
+    def send(self, rtype: RequestType, *payloads: Any) -> int:
+        """Send a request without waiting; returns its uid."""
+        uid = next(self._uids)
+        self._sock.send_multipart(
+            [self._encoder.encode(uid), self._encoder.encode(int(rtype))]
+            + [self._encoder.encode(p) for p in payloads]
+        )
+        return uid
+
+    def receive(self, timeout: float) -> tuple[int, Any]:
+        """The next reply as `(uid, value)`; raises `Unreachable` on timeout."""
+        if not self._sock.poll(int(timeout * 1000)):
+            raise Unreachable(f"no answer from lmcd at {self.url} within {timeout:g} s")
+        frames = self._sock.recv_multipart()
+        uid = msgspec.msgpack.decode(frames[0])
+        value = msgspec.msgpack.decode(frames[2]) if len(frames) > 2 else None
+        return uid, value
+
+    def call(self, rtype: RequestType, *payloads: Any, timeout: float = 10.0) -> Any:
+        """Send one request and wait for its reply."""
+        uid = self.send(rtype, *payloads)
+        while True:
+            got, value = self.receive(timeout)
+            if got == uid:
+                return value
+
+    def stats(self, timeout: float = 2.0) -> dict[str, Any]:
+        value = self.call(RequestType.STATS, timeout=timeout)
+        if not isinstance(value, dict):
+            raise LmcdError(f"{self.url} answered STATS with {type(value).__name__}")
+        return value
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,125 @@
+"""`lmcd inspect`: a daemon's statistics as tables (or JSON), once or live."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich import box
+from rich.console import Console, Group
+from rich.table import Table
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> Table:
+    t = Table(title=title, box=box.SIMPLE, show_header=False, title_justify="left")
+    t.add_column("what", style="bold")
+    t.add_column("value", justify="right")
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+def render(s: dict[str, Any], rates: dict[str, float] | None = None) -> Group:
+    """Tables for one STATS map; `rates` (per second) when watching."""
+    hits, misses = s["lookup_hit_chunks"], s["lookup_miss_chunks"]
+    used = s["used_bytes"]
+    memory = _table(
+        "Memory",
+        [
+            ("capacity", _size(s["capacity_bytes"])),
+            ("used", f"{_size(used)} ({_pct(used, s['capacity_bytes'])})"),
+            ("allocated from OS", _size(s.get("allocated_bytes", 0))),
+            ("pinned", "yes" if s.get("pinned_memory") else "no"),
+        ],
+    )
+    cache = _table(
+        "Cache",
+        [
+            ("chunks", str(s["chunks"])),
+            ("tokens", str(s["tokens"])),
+            ("chunk size", f"{s['chunk_size']} tokens"),
+            ("locked chunks", str(s["locked_chunks"])),
+            ("lookups", str(s["lookups"])),
+            ("hit rate (chunks)", _pct(hits, hits + misses)),
+            ("hit / miss chunks", f"{hits} / {misses}"),
+        ],
+    )
+    traffic_rows = [
+        (
+            "stores",
+            f"{s['stores']} ({s['stored_chunks']} chunks, {_size(s['stored_bytes'])})",
+        ),
+        (
+            "retrieves",
+            f"{s['retrieves']} ({s['retrieved_chunks']} chunks, "
+            f"{_size(s['retrieved_bytes'])})",
+        ),
+        ("evicted", f"{s['evicted_chunks']} chunks"),
+        ("lock expiries", str(s.get("lock_expiries", 0))),
+    ]
+    if rates is not None:
+        traffic_rows += [
+            ("requests/s", f"{rates['requests']:.1f}"),
+            ("store GB/s", f"{rates['stored_bytes'] / 1e9:.3f}"),
+            ("retrieve GB/s", f"{rates['retrieved_bytes'] / 1e9:.3f}"),
+        ]
+    traffic = _table("Traffic", traffic_rows)
+    errors = _table(
+        "Errors",
+        [
+            ("failed requests", str(s["failed_requests"])),
+            ("malformed messages", str(s["malformed_messages"])),
+        ],
+    )
+    models = Table(title="Models", box=box.SIMPLE, title_justify="left")
+    for col in ("model", "chunks", "bytes"):
+        models.add_column(col)
+    for name, usage in sorted(s["models"].items()):
+        models.add_row(name, str(usage["chunks"]), _size(usage["bytes"]))
+    instances = Table(title="Instances", box=box.SIMPLE, title_justify="left")
+    for col in ("instance", "kind", "layout", "layers", "dtype", "block", "blocks"):
+        instances.add_column(col)
+    for i in s["instances"]:
+        instances.add_row(
+            *(str(i[f]) for f in ("instance_id", "kind", "layout", "layers")),
+            *(str(i[f]) for f in ("dtype", "block_size", "num_blocks")),
+        )
+    head = f"lmcd {s['version']}, up {s['uptime_s']:.0f} s"
+    return Group(head, memory, cache, traffic, errors, models, instances)
+
+
+RATE_FIELDS = ("requests", "stored_bytes", "retrieved_bytes", "lookups")
+
+
+def rates_between(old: dict[str, Any], new: dict[str, Any]) -> dict[str, float]:
+    dt = max(new["uptime_s"] - old["uptime_s"], 1e-9)
+    return {f: (new[f] - old[f]) / dt for f in RATE_FIELDS}
+
+
+def watch(
+    fetch: Any, interval: float, console: Console, count: int | None = None
+) -> None:
+    """Refresh the tables every `interval` s (`count` times, or forever)."""
+    from rich.live import Live
+
+    prev = fetch()
+    with Live(render(prev), console=console, auto_refresh=False) as live:
+        n = 0
+        while count is None or n < count:
+            time.sleep(interval)
+            cur = fetch()
+            live.update(render(cur, rates_between(prev, cur)), refresh=True)
+            prev = cur
+            n += 1

@@ -1,0 +1,166 @@
+"""`--metrics-port`: Prometheus `/metrics` and `/healthz` over HTTP, under Trio.
+
+Served by hypercorn (an ASGI server that runs on Trio) with a two-route ASGI
+app; the metric values come from the same statistics as STATS, read when
+Prometheus scrapes, so the request path pays nothing for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from typing import Any
+
+import trio
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from lmcd.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+COUNTERS = {
+    "lookups": "LOOKUP requests",
+    "lookup_hit_chunks": "Chunks found by lookups",
+    "lookup_miss_chunks": "Chunks not found by lookups",
+    "stores": "STORE requests",
+    "stored_chunks": "Chunks stored",
+    "stored_bytes": "Bytes stored",
+    "retrieves": "RETRIEVE requests",
+    "retrieved_chunks": "Chunks retrieved",
+    "retrieved_bytes": "Bytes retrieved",
+    "evicted_chunks": "Chunks evicted to make room",
+    "evicted_bytes": "Bytes evicted to make room",
+    "lock_expiries": "Lookup locks that expired unreleased",
+    "store_refused_chunks": "Chunks not stored for lack of room",
+    "failed_requests": "Requests answered with a failure",
+    "malformed_messages": "Messages that did not follow the protocol",
+    "requests": "Requests received",
+}
+GAUGES = {
+    "capacity_bytes": "CPU buffer capacity",
+    "used_bytes": "CPU buffer bytes in use",
+    "allocated_bytes": "CPU buffer bytes allocated from the OS",
+    "chunks": "Chunks visible to lookups",
+    "tokens": "Tokens held in visible chunks",
+    "locked_chunks": "Chunks held by lookup locks",
+    "pinned_chunks": "Chunks being retrieved",
+    "reserved_chunks": "Chunks being stored",
+    "inflight_requests": "Data-plane requests in progress",
+    "uptime_s": "Seconds since start",
+}
+
+
+class StatsCollector(Collector):
+    """Prometheus metrics from a STATS map, computed at scrape time."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        for name, doc in COUNTERS.items():
+            yield CounterMetricFamily(f"lmcd_{name}", doc, value=s[name])
+        for name, doc in GAUGES.items():
+            yield GaugeMetricFamily(f"lmcd_{name}", doc, value=s[name])
+        chunks = GaugeMetricFamily(
+            "lmcd_model_chunks", "Chunks per model", labels=["model"]
+        )
+        nbytes = GaugeMetricFamily(
+            "lmcd_model_bytes", "Bytes per model", labels=["model"]
+        )
+        for model, usage in s["models"].items():
+            chunks.add_metric([model], usage["chunks"])
+            nbytes.add_metric([model], usage["bytes"])
+        yield chunks
+        yield nbytes
+        yield GaugeMetricFamily(
+            "lmcd_instances", "Registered KV caches", value=len(s["instances"])
+        )
+
+
+def make_app(stats: Callable[[], dict[str, Any]], healthy: Callable[[], bool]) -> Any:
+    """The ASGI app: GET /metrics and GET /healthz."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(stats))
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if method not in ("GET", "HEAD"):
+            status, body, ctype = 405, b"method not allowed\n", "text/plain"
+        elif path == "/metrics":
+            status, body = 200, generate_latest(registry)
+            ctype = "text/plain; version=0.0.4; charset=utf-8"
+        elif path == "/healthz":
+            ok = healthy()
+            status, body, ctype = (
+                (200, b"ok\n", "text/plain")
+                if ok
+                else (503, b"not serving\n", "text/plain")
+            )
+        else:
+            status, body, ctype = 404, b"not found\n", "text/plain"
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", ctype.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send(
+            {"type": "http.response.body", "body": body if method == "GET" else b""}
+        )
+
+    return app
+
+
+async def serve(
+    app: Any,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `app` on host:port until cancelled; `started(urls)` once bound.
+
+    Raises `ConfigError` when the port cannot be bound.
+    """
+    from hypercorn.config import Config as HyperConfig
+    from hypercorn.trio import serve as hyper_serve
+
+    # Bind here, so that a busy port is a clean error rather than a failure
+    # deep inside the HTTP server's task group; hypercorn serves the fd.
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {e.strerror}") from e
+    config = HyperConfig()
+    # hypercorn takes ownership of the descriptor and closes it.
+    config.bind = [f"fd://{sock.detach()}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("lmcd.metrics.http")
+    config.graceful_timeout = 0.5
+    await hyper_serve(app, config, task_status=task_status)

@@ -1,0 +1,239 @@
+"""STATS, `lmcd inspect` and `/metrics` against a live daemon with traffic."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from lmcd.client import Client
+from lmcd.wire.types import RequestType
+from tests.conftest import Server, free_port, start_server
+from tests.lmcache_client import call, close_client, key, open_client
+from tests.test_host_path import EVENT, PER_CHUNK, random_kv, register
+
+
+def lmcd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lmcd", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def busy() -> Iterator[tuple[Server, int]]:
+    """A daemon with 10 chunks of room, after a known sequence of requests."""
+    import zmq
+
+    metrics_port = free_port()
+    # 3 layers x 2 x 256 x 128 x bf16 = 384 KiB a chunk; 4 MiB holds 10.
+    s = start_server(
+        "--cpu-buffer-size",
+        str(4 / 1024),
+        "--segment-mb",
+        "4",
+        "--metrics-port",
+        str(metrics_port),
+    )
+    ctx = zmq.Context()
+    c = open_client(s.url, ctx)
+    kv = random_kv("mha", num_blocks=16 * 8)
+    try:
+        instance = register(c, kv)
+        ids = list(range(8 * PER_CHUNK))
+        first = [key(i, model="alpha") for i in range(8)]
+        second = [key(100 + i, model="beta") for i in range(4)]
+        assert call(c, "STORE", [first, instance, ids, EVENT])[1]  # 8 chunks
+        assert call(c, "STORE", [second, instance, ids, EVENT])[1]  # evicts 2
+        assert call(c, "LOOKUP", [[*second, key(999)], True]) == [True] * 4 + [False]
+        assert call(c, "RETRIEVE", [second, instance, ids, EVENT])[1] == [True] * 4
+        yield s, metrics_port
+    finally:
+        close_client(c)
+        kv.close()
+        ctx.destroy(linger=0)
+        assert s.stop() == 0
+
+
+def test_stats_count_the_traffic(busy: tuple[Server, int]) -> None:
+    s, _ = busy
+    with Client("127.0.0.1", s.port) as c:
+        stats = c.stats()
+    chunk = 3 * 2 * 256 * 128 * 2
+    assert stats["chunks"] == 10
+    assert stats["tokens"] == 10 * 256
+    assert stats["stores"] == 2
+    assert stats["stored_chunks"] == 12
+    assert stats["stored_bytes"] == 12 * chunk
+    assert stats["evicted_chunks"] == 2
+    assert stats["lookups"] == 1
+    assert (stats["lookup_hit_chunks"], stats["lookup_miss_chunks"]) == (4, 1)
+    assert (stats["retrieves"], stats["retrieved_chunks"]) == (1, 4)
+    assert stats["retrieved_bytes"] == 4 * chunk
+    assert stats["locked_chunks"] == 0  # the retrieve released the lookup's locks
+    assert stats["models"] == {
+        "alpha": {"chunks": 6, "bytes": 6 * chunk},
+        "beta": {"chunks": 4, "bytes": 4 * chunk},
+    }
+    (instance,) = stats["instances"]
+    assert instance["kind"] == "host"
+    assert (instance["layout"], instance["layers"], instance["dtype"]) == (
+        "mha",
+        3,
+        "bfloat16",
+    )
+    assert (instance["block_size"], instance["num_blocks"]) == (16, 128)
+    for field in (
+        "version",
+        "uptime_s",
+        "chunk_size",
+        "capacity_bytes",
+        "used_bytes",
+        "failed_requests",
+        "malformed_messages",
+    ):
+        assert field in stats
+
+
+def test_inspect_json_and_text(busy: tuple[Server, int]) -> None:
+    s, _ = busy
+    result = lmcd("inspect", "--host", "127.0.0.1", "--port", str(s.port), "--json")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["evicted_chunks"] == 2
+    text = lmcd("inspect", "--host", "127.0.0.1", "--port", str(s.port))
+    assert text.returncode == 0, text.stderr
+    for figure in (
+        "Memory",
+        "Cache",
+        "Traffic",
+        "Errors",
+        "Instances",
+        "alpha",
+        "beta",
+        "80.0%",
+        "4 / 1",
+        "12 chunks",
+    ):
+        assert figure in text.stdout, figure
+
+
+def test_inspect_check_and_unreachable(busy: tuple[Server, int]) -> None:
+    s, _ = busy
+    ok = lmcd("inspect", "--port", str(s.port), "--host", "127.0.0.1", "--check")
+    assert ok.returncode == 0
+    started = time.monotonic()
+    down = lmcd("inspect", "--port", str(free_port()), "--host", "127.0.0.1", "--check")
+    assert down.returncode == 1
+    assert time.monotonic() - started < 10
+    assert len(down.stderr.strip().splitlines()) == 1
+    assert "no answer from lmcd" in down.stderr
+
+
+def test_inspect_watch_shows_rates() -> None:
+    from rich.console import Console
+
+    from lmcd.inspect import watch
+
+    samples = iter(
+        [
+            {**_fake_stats(), "uptime_s": 1.0},
+            {**_fake_stats(), "uptime_s": 2.0, "requests": 50, "stored_bytes": 2e9},
+        ]
+    )
+    console = Console(record=True, width=120)
+    watch(lambda: next(samples), 0.0, console, count=1)
+    out = console.export_text()
+    assert "requests/s" in out
+    assert "50.0" in out
+    assert "2.000" in out
+
+
+def _fake_stats() -> dict[str, Any]:
+    zero = dict.fromkeys(
+        (
+            "capacity_bytes",
+            "used_bytes",
+            "chunks",
+            "tokens",
+            "lookups",
+            "lookup_hit_chunks",
+            "lookup_miss_chunks",
+            "stores",
+            "stored_chunks",
+            "stored_bytes",
+            "retrieves",
+            "retrieved_chunks",
+            "retrieved_bytes",
+            "evicted_chunks",
+            "locked_chunks",
+            "failed_requests",
+            "malformed_messages",
+            "requests",
+        ),
+        0,
+    )
+    return {**zero, "version": "x", "chunk_size": 256, "models": {}, "instances": []}
+
+
+def test_metrics_agree_with_stats(busy: tuple[Server, int]) -> None:
+    s, metrics_port = busy
+    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
+    families = {f.name: f for f in text_string_to_metric_families(body.read().decode())}
+    with Client("127.0.0.1", s.port) as c:
+        stats = c.stats()
+    # Counter families drop the _total suffix in the parser's names.
+    for name in (
+        "stored_chunks",
+        "evicted_chunks",
+        "lookup_hit_chunks",
+        "retrieved_bytes",
+    ):
+        assert families[f"lmcd_{name}"].samples[0].value == stats[name]
+    for name in ("chunks", "used_bytes", "capacity_bytes"):
+        assert families[f"lmcd_{name}"].samples[0].value == stats[name]
+    per_model = {
+        x.labels["model"]: x.value for x in families["lmcd_model_chunks"].samples
+    }
+    assert per_model == {"alpha": 6, "beta": 4}
+    health = urllib.request.urlopen(
+        f"http://127.0.0.1:{metrics_port}/healthz", timeout=5
+    )
+    assert health.status == 200
+
+
+def test_metrics_port_in_use_is_a_clean_error(server: Server) -> None:
+    import socket
+
+    with socket.socket() as busy_sock:
+        busy_sock.bind(("127.0.0.1", 0))
+        busy_sock.listen()
+        port = busy_sock.getsockname()[1]
+        result = lmcd(
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(free_port()),
+            "--metrics-port",
+            str(port),
+            "--cpu-buffer-size",
+            "0.1",
+        )
+    assert result.returncode == 1
+    assert "cannot serve metrics" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_stats_request_type_is_the_extension_value() -> None:
+    assert RequestType.STATS == 1000
