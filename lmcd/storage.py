@@ -12,19 +12,18 @@ Life of an entry:
     eviction / clear() -> freed, or, while a copy still uses it, "doomed":
                  gone from the index and freed when the copy lets go.
 
-LOOKUP(lock) adds a lock (refcounted, expiring after `lock_ttl`) to every
-chunk it found; RETRIEVE pins its chunks while copying and, when the copy
-completes, releases one lock each. Locked, pinned and reserved chunks are
+LOOKUP(lock) adds a lock to every chunk it found: a refcount whose expiry
+moves to `lock_ttl` after the newest lock, after which all of the chunk's
+locks lapse (a client that looked up and never retrieved leaks nothing).
+RETRIEVE pins its chunks while copying and, when the copy completes,
+releases one lock each. Locked, pinned and reserved chunks are
 never evicted: the policy only ever sees the evictable ones.
 """
 
 from __future__ import annotations
 
 import enum
-import heapq
-import itertools
 import logging
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
 import attrs
@@ -53,14 +52,15 @@ class Entry:
     nbytes: int
     layout: str
     state: State = State.RESERVED
-    locks: deque[float] = attrs.field(factory=deque)
+    locks: int = 0
+    lock_expiry: float = 0.0
     pins: int = 0
     doomed: bool = False
 
     def __repr__(self) -> str:
         return (
             f"Entry({self.key.model_name!r} rank {self.key.worker_id}, "
-            f"{self.state.value}, locks={len(self.locks)}, pins={self.pins})"
+            f"{self.state.value}, locks={self.locks}, pins={self.pins})"
         )
 
 
@@ -154,8 +154,9 @@ class StorageManager:
     lock_ttl: float = DEFAULT_LOCK_TTL
     policy: EvictionPolicy = attrs.field(factory=LRUPolicy)
     _index: dict[CacheKey, Entry] = attrs.field(factory=dict, init=False)
-    _expiries: list[tuple[float, int, Entry]] = attrs.field(factory=list, init=False)
-    _seq: itertools.count[int] = attrs.field(factory=itertools.count, init=False)
+    # Locked entries in order of expiry: the TTL is constant, so moving an
+    # entry to the end when it is locked again keeps the order sorted.
+    _locked_order: dict[Entry, None] = attrs.field(factory=dict, init=False)
     _models: dict[str, list[int]] = attrs.field(factory=dict, init=False)
     _c: _Counters = attrs.field(factory=_Counters, init=False)
     _committed_chunks: int = attrs.field(default=0, init=False)
@@ -286,8 +287,11 @@ class StorageManager:
         if not entry.locks:
             self._locked += 1
             self.policy.discard(entry.key)
-        entry.locks.append(expiry)
-        heapq.heappush(self._expiries, (expiry, next(self._seq), entry))
+        else:
+            del self._locked_order[entry]
+        entry.locks += 1
+        entry.lock_expiry = expiry
+        self._locked_order[entry] = None
 
     def pin(self, keys: Sequence[CacheKey], nbytes: int, layout: str) -> Pin:
         """Pin the leading committed `keys` (of this size and layout) for a
@@ -332,31 +336,31 @@ class StorageManager:
                 self._c.retrieved_chunks += 1
                 self._c.retrieved_bytes += entry.nbytes
                 if entry.locks:
-                    entry.locks.popleft()
+                    entry.locks -= 1
                     if not entry.locks:
-                        self._locked -= 1
+                        self._unlock(entry)
             if not entry.locks and not entry.pins:
                 self.policy.add(entry.key)
 
     def expire_locks(self) -> None:
         """Drop locks whose TTL has passed (leaked by clients that never
         retrieved); called by every operation, cheap when none is due."""
-        if not self._expiries or self._expiries[0][0] > self.clock():
+        if not self._locked_order:
             return
         now = self.clock()
-        while self._expiries and self._expiries[0][0] <= now:
-            _, _, entry = heapq.heappop(self._expiries)
-            expired = 0
-            while entry.locks and entry.locks[0] <= now:
-                entry.locks.popleft()
-                expired += 1
-            if not expired:
-                continue
-            self._c.lock_expiries += expired
-            if not entry.locks:
-                self._locked -= 1
-                if not entry.pins and not entry.doomed:
-                    self.policy.add(entry.key)
+        while self._locked_order:
+            entry = next(iter(self._locked_order))
+            if entry.lock_expiry > now:
+                return
+            self._c.lock_expiries += entry.locks
+            entry.locks = 0
+            self._unlock(entry)
+            if not entry.pins:
+                self.policy.add(entry.key)
+
+    def _unlock(self, entry: Entry) -> None:
+        del self._locked_order[entry]
+        self._locked -= 1
 
     # -- clear ---------------------------------------------------------------
 
@@ -369,8 +373,8 @@ class StorageManager:
             del self._index[entry.key]
             self.policy.discard(entry.key)
             if entry.locks:
-                entry.locks.clear()
-                self._locked -= 1
+                entry.locks = 0
+                self._unlock(entry)
             if entry.pins or entry.state is State.RESERVED:
                 entry.doomed = True
                 self._doomed += 1

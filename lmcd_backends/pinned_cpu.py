@@ -4,11 +4,16 @@ Memory comes in segments of `segment_bytes` (1 GiB by default), allocated
 the first time the arena places an extent in them: pinned (page-locked, so
 the GPU copy engine can DMA into it) when CUDA is present, plain otherwise.
 Pinning is expensive, so it happens once per segment, never per chunk.
+Plain segments are anonymous maps advised to use huge pages; their pages are
+faulted in by the first copies into them (in worker threads), not here, so
+that opening a segment never blocks the Trio thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import mmap
 from typing import Any
 
 import attrs
@@ -71,8 +76,11 @@ class PinnedCpuTier:
 
         size = self._arena.segment_size(index)
         try:
-            memory = torch.empty(size, dtype=torch.uint8, pin_memory=bool(self.pin))
-        except RuntimeError as e:
+            if self.pin:
+                memory = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            else:
+                memory = _anonymous(size)
+        except (RuntimeError, OSError) as e:
             raise MemoryError(f"cannot allocate a {size}-byte segment: {e}") from e
         self._memory.append(memory)
         log.info(
@@ -100,3 +108,16 @@ class PinnedCpuTier:
             extents=arena.live_extents,
             largest_free_bytes=arena.largest_free(),
         )
+
+
+def _anonymous(size: int) -> Any:
+    """`size` bytes of anonymous memory, huge-page advised, not yet touched."""
+    import torch
+
+    region = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        # Advisory: without transparent huge pages this is a no-op.
+        with contextlib.suppress(OSError):
+            region.madvise(mmap.MADV_HUGEPAGE)
+    # The tensor keeps `region` alive through the buffer protocol.
+    return torch.frombuffer(region, dtype=torch.uint8)

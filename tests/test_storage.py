@@ -209,7 +209,8 @@ class StorageMachine(RuleBasedStateMachine):
         )
         self.use = 0
         self.last_use: dict[CacheKey, int] = {}  # committed keys -> recency
-        self.locks: dict[CacheKey, list[float]] = {}
+        # key -> (lock count, expiry of the newest lock, when it was taken)
+        self.locks: dict[CacheKey, tuple[int, float, int]] = {}
         self.pinned: dict[CacheKey, int] = {}
         self.reserved: set[CacheKey] = set()
 
@@ -218,7 +219,8 @@ class StorageMachine(RuleBasedStateMachine):
         self.last_use[k] = self.use
 
     def _locked(self, k: CacheKey) -> bool:
-        return any(e > self.clock.now for e in self.locks.get(k, []))
+        count, expiry, _ = self.locks.get(k, (0, 0.0, 0))
+        return count > 0 and expiry > self.clock.now
 
     def _evictable(self) -> set[CacheKey]:
         return {
@@ -247,6 +249,7 @@ class StorageMachine(RuleBasedStateMachine):
         mib=st.sampled_from([1, 2]),
     )
     def reserve(self, hashes: list[int], mib: int) -> Reservation:
+        self._expire()
         before = {e.key for e in self.m.entries()}
         keys = [key(h) for h in hashes]
         res = self.m.reserve(keys, mib * MiB, LAYOUT)
@@ -282,7 +285,9 @@ class StorageMachine(RuleBasedStateMachine):
         assert n == expected
         for k in keys[:n]:
             if lock:
-                self.locks.setdefault(k, []).append(self.clock.now + 5)
+                count, _, _ = self.locks.get(k, (0, 0.0, 0))
+                self.use += 1
+                self.locks[k] = (count + 1, self.clock.now + 5, self.use)
             if not self._locked(k) and not self.pinned.get(k):
                 self._touch(k)
             elif lock:
@@ -305,8 +310,9 @@ class StorageMachine(RuleBasedStateMachine):
             self.pinned[entry.key] -= 1
             if entry.doomed or entry.key not in self.last_use:
                 continue
-            if completed and self.locks.get(entry.key):
-                self.locks[entry.key].pop(0)
+            count, expiry, seq = self.locks.get(entry.key, (0, 0.0, 0))
+            if completed and count:
+                self.locks[entry.key] = (count - 1, expiry, seq)
             if not self._locked(entry.key) and not self.pinned[entry.key]:
                 self._touch(entry.key)
 
@@ -315,11 +321,16 @@ class StorageMachine(RuleBasedStateMachine):
         self.clock.now += seconds
 
     def _expire(self) -> None:
-        for k, expiries in self.locks.items():
-            live = [e for e in expiries if e > self.clock.now]
-            if len(live) != len(expiries) and not live and not self.pinned.get(k):
-                self._touch(k)  # an expired lock hands the chunk back to LRU
-            self.locks[k] = live
+        # Expired locks hand their chunks back to LRU, oldest lock first.
+        due = sorted(
+            (seq, k)
+            for k, (count, expiry, seq) in self.locks.items()
+            if count and expiry <= self.clock.now
+        )
+        for seq, k in due:
+            self.locks[k] = (0, self.locks[k][1], seq)
+            if not self.pinned.get(k):
+                self._touch(k)
 
     @rule()
     def clear(self) -> None:

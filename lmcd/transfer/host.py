@@ -9,6 +9,7 @@ hands over; they never touch the storage index.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
@@ -145,12 +146,36 @@ def gather(kv: HostKV, chunks: Sequence[tuple[Sequence[int], Any]]) -> None:
 
 def scatter(kv: HostKV, chunks: Sequence[tuple[Sequence[int], Any]]) -> None:
     """Copy each chunk's buffer into its blocks of the KV cache (reverse of
-    `gather`)."""
-    import torch
+    `gather`).
 
+    Runs of consecutive block ids are copied with one memmove each: torch's
+    `index_copy_` reaches only about 60% of memcpy speed here, while a
+    memmove per run (or per block, for scattered ids) stays near it.
+    """
+    layout = kv.layout
+    row = layout.block_row * layout.itemsize
+    plane_bytes = layout.num_blocks * row
     for block_ids, buffer in chunks:
-        index = torch.tensor(block_ids, dtype=torch.long)
         src = _chunk_view(kv, buffer, len(block_ids))
+        src_base = src.data_ptr()
+        chunk_plane = layout.num_layers * len(block_ids) * row
+        spans = block_runs(block_ids)
         for layer, dest in enumerate(kv.layers):
-            for plane in range(kv.layout.planes):
-                dest[plane].index_copy_(0, index, src[plane, layer])
+            dest_base = dest.data_ptr()
+            for plane in range(layout.planes):
+                s = src_base + plane * chunk_plane + layer * len(block_ids) * row
+                d = dest_base + plane * plane_bytes
+                for start, count in spans:
+                    ctypes.memmove(d + start * row, s, count * row)
+                    s += count * row
+
+
+def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int]]:
+    """`block_ids` as (first id, count) runs of consecutive ids, in order."""
+    runs: list[tuple[int, int]] = []
+    for b in block_ids:
+        if runs and runs[-1][0] + runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((b, 1))
+    return runs

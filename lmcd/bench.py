@@ -1,0 +1,326 @@
+"""Load generators behind `lmcd bench` and the benchmark suite.
+
+Control plane: a closed loop over C DEALER sockets driven from one thread
+(each socket keeps one request in flight and sends the next as soon as its
+reply arrives), so the generator itself adds as little as possible.
+Data plane: STORE and RETRIEVE through the host path with a model-shaped
+shared-memory KV cache, timed per request, and a single-thread memcpy of
+the same bytes as the baseline.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import msgspec
+import zmq
+
+from lmcd.wire.types import RequestType
+
+_enc = msgspec.msgpack.encode
+Progress = Callable[[float], None]
+
+
+@attrs.frozen
+class LatencyResult:
+    workload: str
+    clients: int
+    requests: int
+    seconds: float
+    rps: float
+    p50_us: float
+    p99_us: float
+    p999_us: float
+
+
+@attrs.frozen
+class ThroughputResult:
+    workload: str
+    chunks_per_request: int
+    requests: int
+    bytes: int
+    seconds: float
+    gbps: float
+    memcpy_gbps: float
+
+    @property
+    def ratio(self) -> float:
+        return self.gbps / self.memcpy_gbps if self.memcpy_gbps else 0.0
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1)
+    return sorted_values[max(index, 0)]
+
+
+def lookup_payloads(n_keys: int, hits: bool, model: str = "bench") -> list[bytes]:
+    """LOOKUP payload frames for `n_keys` nil-worker keys (stored by
+    `prefill_lookup_keys` when `hits`)."""
+    prefix = b"hit" if hits else b"miss"
+    keys = [
+        {
+            "model_name": model,
+            "world_size": 1,
+            "worker_id": None,
+            "chunk_hash": prefix + i.to_bytes(4, "big"),
+        }
+        for i in range(n_keys)
+    ]
+    return [_enc(keys), _enc(True)]
+
+
+def closed_loop(
+    url: str,
+    rtype: RequestType,
+    payloads: Sequence[bytes],
+    *,
+    clients: int,
+    duration: float,
+    warmup: float = 0.5,
+    progress: Progress | None = None,
+) -> LatencyResult:
+    """Run `clients` closed loops of one request type for `duration` s."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    socks = []
+    try:
+        for _ in range(clients):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(url)
+            socks.append(s)
+        poller = zmq.Poller()
+        for s in socks:
+            poller.register(s, zmq.POLLIN)
+        type_frame = _enc(int(rtype))
+        uids = itertools.count()
+        sent_at: dict[zmq.Socket[bytes], float] = {}
+
+        def send(s: zmq.Socket[bytes]) -> None:
+            s.send_multipart([_enc(next(uids)), type_frame, *payloads])
+            sent_at[s] = time.perf_counter()
+
+        for s in socks:
+            send(s)
+        start = time.perf_counter()
+        measure_from = start + warmup
+        end = measure_from + duration
+        latencies: list[float] = []
+        last_progress = start
+        while True:
+            now = time.perf_counter()
+            if now >= end:
+                break
+            events = poller.poll(1000)
+            if not events:
+                raise TimeoutError(f"no reply from {url} within 1 s")
+            for s, _ in events:
+                s.recv_multipart()
+                done = time.perf_counter()
+                if done >= measure_from:
+                    latencies.append(done - sent_at[s])
+                send(s)
+            if progress is not None and now - last_progress > 0.1:
+                progress(min(1.0, (now - start) / (end - start)))
+                last_progress = now
+        # Let in-flight replies arrive so the daemon is not left sending.
+        for s in socks:
+            s.poll(1000)
+        latencies.sort()
+        seconds = duration
+        return LatencyResult(
+            workload=rtype.name.lower(),
+            clients=clients,
+            requests=len(latencies),
+            seconds=seconds,
+            rps=len(latencies) / seconds,
+            p50_us=percentile(latencies, 0.50) * 1e6,
+            p99_us=percentile(latencies, 0.99) * 1e6,
+            p999_us=percentile(latencies, 0.999) * 1e6,
+        )
+    finally:
+        for s in socks:
+            s.close(linger=0)
+        ctx.term()
+
+
+def memcpy_gbps(nbytes: int, repeats: int = 5) -> float:
+    """Single-thread memcpy bandwidth over `nbytes` (pre-faulted buffers)."""
+    src = (ctypes.c_char * nbytes)()
+    dst = (ctypes.c_char * nbytes)()
+    ctypes.memset(src, 1, nbytes)
+    ctypes.memmove(dst, src, nbytes)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ctypes.memmove(dst, src, nbytes)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
+
+
+@attrs.frozen
+class ModelShape:
+    """A KV-cache layout for the data-plane benchmark (8B-class by default)."""
+
+    layers: int = 32
+    heads: int = 8
+    head_size: int = 128
+    dtype: str = "bfloat16"
+    block_size: int = 16
+
+    def chunk_bytes(self, chunk_size: int) -> int:
+        from lmcd.transfer.layouts import DTYPE_SIZES
+
+        return (
+            2
+            * self.layers
+            * chunk_size
+            * self.heads
+            * self.head_size
+            * (DTYPE_SIZES[self.dtype])
+        )
+
+
+def data_plane(
+    host: str,
+    port: int,
+    shape: ModelShape,
+    *,
+    chunks_per_request: int = 8,
+    rounds: int = 6,
+    warmup: int = 1,
+    progress: Progress | None = None,
+) -> tuple[ThroughputResult, ThroughputResult]:
+    """Time host-path STORE then RETRIEVE of `chunks_per_request` chunks per
+    request over `rounds` requests each, after `warmup` untimed rounds (set
+    it to cover the daemon's buffer once, so that page faults of its first
+    fill are not timed)."""
+    from lmcd.client import Client
+    from lmcd.shmkv import SharedKVCache
+
+    with Client(host, port) as client:
+        chunk_size = int(client.call(RequestType.GET_CHUNK_SIZE))
+        per_chunk = chunk_size // shape.block_size
+        blocks = 2 * chunks_per_request * per_chunk
+        kv = SharedKVCache.create(
+            "mha",
+            num_layers=shape.layers,
+            num_blocks=blocks,
+            block_size=shape.block_size,
+            num_heads=shape.heads,
+            head_size=shape.head_size,
+            dtype=shape.dtype,
+            name="bench",
+        )
+        try:
+            for layer in kv.layers:
+                layer.view(-1).view(dtype=_int_view(layer)).random_()
+            instance = 0x1EAD0000 + int(time.time()) % 10_000
+            client.call(RequestType.REGISTER_KV_CACHE, instance, kv.register_payload())
+            src = list(range(chunks_per_request * per_chunk))
+            dst = list(range(chunks_per_request * per_chunk, blocks))
+            event = b"\0" * 64
+            nbytes = shape.chunk_bytes(chunk_size) * chunks_per_request
+            store_t, retrieve_t = [], []
+            total = rounds + warmup
+            stamp = time.time_ns()
+            for r in range(total):
+                keys = [
+                    {
+                        "model_name": f"bench-{stamp}",
+                        "world_size": 1,
+                        "worker_id": 0,
+                        "chunk_hash": r.to_bytes(4, "big") + i.to_bytes(4, "big"),
+                    }
+                    for i in range(chunks_per_request)
+                ]
+                t0 = time.perf_counter()
+                _, ok = client.call(
+                    RequestType.STORE, keys, instance, src, event, timeout=120
+                )
+                t1 = time.perf_counter()
+                if not ok:
+                    raise RuntimeError("STORE refused chunks: is the buffer too small?")
+                client.call(RequestType.LOOKUP, keys, True)
+                t2 = time.perf_counter()
+                _, found = client.call(
+                    RequestType.RETRIEVE, keys, instance, dst, event, timeout=120
+                )
+                t3 = time.perf_counter()
+                if found != [True] * chunks_per_request:
+                    raise RuntimeError("RETRIEVE missed chunks it had just stored")
+                if r >= warmup:
+                    store_t.append(t1 - t0)
+                    retrieve_t.append(t3 - t2)
+                if progress is not None:
+                    progress((r + 1) / total)
+            client.call(RequestType.UNREGISTER_KV_CACHE, instance)
+        finally:
+            kv.close()
+    base = memcpy_gbps(nbytes)
+    results = tuple(
+        ThroughputResult(
+            workload=name,
+            chunks_per_request=chunks_per_request,
+            requests=len(times),
+            bytes=nbytes * len(times),
+            seconds=sum(times),
+            gbps=nbytes * len(times) / sum(times) / 1e9,
+            memcpy_gbps=base,
+        )
+        for name, times in (("store", store_t), ("retrieve", retrieve_t))
+    )
+    return results[0], results[1]
+
+
+def _int_view(t: Any) -> Any:
+    import torch
+
+    return {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[
+        t.element_size()
+    ]
+
+
+def prefill_lookup_keys(
+    host: str, port: int, n_keys: int, model: str = "bench"
+) -> None:
+    """Store `n_keys` tiny chunks so that `lookup_payloads(hits=True)` hits."""
+    from lmcd.client import Client
+    from lmcd.shmkv import SharedKVCache
+
+    with Client(host, port) as client:
+        chunk_size = int(client.call(RequestType.GET_CHUNK_SIZE))
+        kv = SharedKVCache.create(
+            "mla",
+            num_layers=1,
+            num_blocks=chunk_size // 16,
+            block_size=16,
+            dim=16,
+            dtype="float16",
+            name="prefill",
+        )
+        try:
+            instance = 0x5EED0000 + n_keys
+            client.call(RequestType.REGISTER_KV_CACHE, instance, kv.register_payload())
+            keys = [
+                {
+                    "model_name": model,
+                    "world_size": 1,
+                    "worker_id": 0,
+                    "chunk_hash": b"hit" + i.to_bytes(4, "big"),
+                }
+                for i in range(n_keys)
+            ]
+            ids = list(range(chunk_size // 16))
+            for key in keys:
+                client.call(RequestType.STORE, [key], instance, ids, b"\0" * 64)
+            client.call(RequestType.UNREGISTER_KV_CACHE, instance)
+        finally:
+            kv.close()
