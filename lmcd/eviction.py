@@ -39,8 +39,11 @@ class LRUPolicy:
     _order: OrderedDict[Hashable, None] = attrs.field(factory=OrderedDict)
 
     def add(self, key: Hashable) -> None:
-        self._order[key] = None
-        self._order.move_to_end(key)
+        order = self._order
+        if key in order:
+            order.move_to_end(key)
+        else:
+            order[key] = None
 
     def discard(self, key: Hashable) -> None:
         self._order.pop(key, None)

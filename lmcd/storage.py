@@ -184,28 +184,30 @@ class StorageManager:
         self._c.stores += 1
         entries: list[Entry] = []
         indices: list[int] = []
+        index = self._index
         present = 0
         for i, key in enumerate(keys):
             if key.worker_id is None:
                 raise ValueError("STORE keys must name a worker (rank)")
-            if key in self._index:
+            if key in index:
                 present += 1
                 continue
             try:
                 extent = self._allocate(nbytes)
             except StorageFull:
                 refused = len(keys) - i
+                self._reserved += len(entries)
                 self._c.store_skipped_chunks += present
                 self._c.store_refused_chunks += refused
                 log.warning(
                     "Buffer full: %d of %d chunks not stored", refused, len(keys)
                 )
                 return Reservation(tuple(entries), tuple(indices), present, refused)
-            entry = Entry(key=key, extent=extent, nbytes=nbytes, layout=layout)
-            self._index[key] = entry
-            self._reserved += 1
+            entry = Entry(key, extent, nbytes, layout)
+            index[key] = entry
             entries.append(entry)
             indices.append(i)
+        self._reserved += len(entries)
         self._c.store_skipped_chunks += present
         return Reservation(tuple(entries), tuple(indices), present, 0)
 
@@ -229,21 +231,27 @@ class StorageManager:
 
     def commit(self, reservation: Reservation) -> None:
         """The copy into `reservation` finished: its chunks become visible."""
+        add = self.policy.add
+        chunks = nbytes = 0
         for entry in reservation.entries:
-            self._reserved -= 1
             if entry.doomed:
                 self._doomed -= 1
                 self.tier.free(entry.extent)
                 continue
             entry.state = State.COMMITTED
-            self._committed_chunks += 1
-            self._committed_bytes += entry.nbytes
-            usage = self._models.setdefault(entry.key.model_name, [0, 0])
+            chunks += 1
+            nbytes += entry.nbytes
+            usage = self._models.get(entry.key.model_name)
+            if usage is None:
+                usage = self._models[entry.key.model_name] = [0, 0]
             usage[0] += 1
             usage[1] += entry.nbytes
-            self._c.stored_chunks += 1
-            self._c.stored_bytes += entry.nbytes
-            self.policy.add(entry.key)
+            add(entry.key)
+        self._reserved -= len(reservation.entries)
+        self._committed_chunks += chunks
+        self._committed_bytes += nbytes
+        self._c.stored_chunks += chunks
+        self._c.stored_bytes += nbytes
 
     def abort(self, reservation: Reservation) -> None:
         """The copy into `reservation` failed: forget and free its chunks."""
@@ -263,35 +271,41 @@ class StorageManager:
         self.expire_locks()
         self._c.lookups += 1
         found: list[Entry] = []
+        index = self._index
+        committed = State.COMMITTED
         hits = 0
         for key in keys:
-            ranks = key.ranks()
-            entries = [self._index.get(k) for k in ranks]
-            if not all(e is not None and e.state is State.COMMITTED for e in entries):
-                break
-            found.extend(e for e in entries if e is not None)
+            if key.worker_id is not None:  # the common case: one rank
+                entry = index.get(key)
+                if entry is None or entry.state is not committed:
+                    break
+                found.append(entry)
+            else:
+                entries = [index.get(k) for k in key.ranks()]
+                if not all(e is not None and e.state is committed for e in entries):
+                    break
+                found.extend(e for e in entries if e is not None)
             hits += 1
         self._c.lookup_hit_chunks += hits
         self._c.lookup_miss_chunks += len(keys) - hits
         if lock:
             expiry = self.clock() + self.lock_ttl
+            order = self._locked_order
+            discard = self.policy.discard
             for entry in found:
-                self._lock(entry, expiry)
+                if entry.locks:
+                    del order[entry]  # re-inserted last: the newest expiry
+                else:
+                    self._locked += 1
+                    discard(entry.key)
+                entry.locks += 1
+                entry.lock_expiry = expiry
+                order[entry] = None
         else:
             for entry in found:
                 if not entry.locks and not entry.pins:
                     self.policy.add(entry.key)
         return hits
-
-    def _lock(self, entry: Entry, expiry: float) -> None:
-        if not entry.locks:
-            self._locked += 1
-            self.policy.discard(entry.key)
-        else:
-            del self._locked_order[entry]
-        entry.locks += 1
-        entry.lock_expiry = expiry
-        self._locked_order[entry] = None
 
     def pin(self, keys: Sequence[CacheKey], nbytes: int, layout: str) -> Pin:
         """Pin the leading committed `keys` (of this size and layout) for a
@@ -300,22 +314,25 @@ class StorageManager:
         self.expire_locks()
         self._c.retrieves += 1
         entries: list[Entry] = []
+        index = self._index
+        committed = State.COMMITTED
         for key in keys:
             if key.worker_id is None:
                 raise ValueError("RETRIEVE keys must name a worker (rank)")
-            entry = self._index.get(key)
+            entry = index.get(key)
             if (
                 entry is None
-                or entry.state is not State.COMMITTED
+                or entry.state is not committed
                 or entry.nbytes != nbytes
                 or entry.layout != layout
             ):
                 break
             entries.append(entry)
+        discard = self.policy.discard
         for entry in entries:
             if not entry.pins:
                 self._pinned += 1
-                self.policy.discard(entry.key)
+                discard(entry.key)
             entry.pins += 1
         self._c.retrieve_miss_chunks += len(keys) - len(entries)
         return Pin(tuple(entries))
@@ -323,6 +340,8 @@ class StorageManager:
     def unpin(self, pin: Pin, completed: bool) -> None:
         """The copy out of `pin` ended. When it `completed`, each chunk counts
         as retrieved and gives up one lookup lock."""
+        add = self.policy.add
+        retrieved = nbytes = 0
         for entry in pin.entries:
             entry.pins -= 1
             if not entry.pins:
@@ -333,14 +352,16 @@ class StorageManager:
                     self._free(entry)
                 continue
             if completed:
-                self._c.retrieved_chunks += 1
-                self._c.retrieved_bytes += entry.nbytes
+                retrieved += 1
+                nbytes += entry.nbytes
                 if entry.locks:
                     entry.locks -= 1
                     if not entry.locks:
                         self._unlock(entry)
             if not entry.locks and not entry.pins:
-                self.policy.add(entry.key)
+                add(entry.key)
+        self._c.retrieved_chunks += retrieved
+        self._c.retrieved_bytes += nbytes
 
     def expire_locks(self) -> None:
         """Drop locks whose TTL has passed (leaked by clients that never

@@ -136,11 +136,13 @@ class Arena:
         Existing segments are tried first (best fit across all of them); a new
         segment is opened only when none fits and capacity remains.
         """
-        if not self.fits(nbytes):
+        size = -(-nbytes // self.alignment) * self.alignment
+        if not 0 < size <= self.segment_bytes:
             raise ValueError(
                 f"{nbytes} bytes can never fit a {self.segment_bytes}-byte segment"
             )
-        size = align_up(nbytes, self.alignment)
+        if size > self.capacity - self._used:
+            return None  # a full cache: the caller evicts, no need to search
         best: tuple[int, int, int] | None = None  # (segment, start, length)
         for index, segment in enumerate(self._segments):
             fit = segment.best_fit(size)

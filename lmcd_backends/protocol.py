@@ -16,7 +16,7 @@ import attrs
 ALIGNMENT = 4096
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class Extent:
     """A byte range of a tier: `size` bytes at `offset` of segment `segment`.
 

@@ -350,6 +350,10 @@ class StorageMachine(RuleBasedStateMachine):
         live = self.tier.arena.live_extents
         indexed = sum(1 for _ in self.m.entries())
         assert live == indexed + stats.doomed_chunks
+        reserved = sum(1 for e in self.m.entries() if e.state.value == "reserved")
+        doomed_reserved = stats.reserved_chunks - reserved
+        assert 0 <= doomed_reserved <= stats.doomed_chunks
+        assert stats.chunks == indexed - reserved
 
 
 StorageMachine.TestCase.settings = settings(
