@@ -61,15 +61,17 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[max(index, 0)]
 
 
-def lookup_payloads(n_keys: int, hits: bool, model: str = "bench") -> list[bytes]:
-    """LOOKUP payload frames for `n_keys` nil-worker keys (stored by
-    `prefill_lookup_keys` when `hits`)."""
+def lookup_payloads(
+    n_keys: int, hits: bool, model: str = "bench", worker: int | None = 0
+) -> list[bytes]:
+    """LOOKUP payload frames for `n_keys` keys of rank `worker` (None: every
+    rank), stored by `prefill_lookup_keys` when `hits`."""
     prefix = b"hit" if hits else b"miss"
     keys = [
         {
             "model_name": model,
             "world_size": 1,
-            "worker_id": None,
+            "worker_id": worker,
             "chunk_hash": prefix + i.to_bytes(4, "big"),
         }
         for i in range(n_keys)

@@ -14,6 +14,7 @@ close the socket.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import time
@@ -96,6 +97,10 @@ class Daemon:
                     self.config.max_workers,
                     "" if self.config.max_workers == 1 else "s",
                 )
+                # Start-up objects (torch, modules) live for good: keep the
+                # cyclic GC from rescanning them on the request path.
+                gc.collect()
+                gc.freeze()
                 task_status.started(endpoint)
                 with trio.open_signal_receiver(
                     signal.SIGINT, signal.SIGTERM

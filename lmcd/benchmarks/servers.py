@@ -10,7 +10,8 @@ as its `server.py` does (its STORE/RETRIEVE need CUDA; `--prefill` stores N
 chunks directly in the storage manager so that lookups can hit).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: the reference server checks the
+# handlers' annotations at run time, so they must be real types.
 
 import argparse
 import signal

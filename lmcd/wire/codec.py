@@ -17,13 +17,10 @@ import msgspec
 from lmcd.errors import ProtocolError
 from lmcd.wire.types import (
     MAX_BLOCK_IDS_PER_REQUEST,
-    MAX_CHUNK_HASH,
     MAX_EVENT_HANDLE,
     MAX_EXPANDED_KEYS,
     MAX_KEYS_PER_REQUEST,
     MAX_LAYERS,
-    MAX_MODEL_NAME,
-    MAX_WORLD_SIZE,
     PAYLOAD_COUNTS,
     CacheKey,
     Clear,
@@ -85,6 +82,7 @@ _ints = msgspec.msgpack.Decoder(list[int])
 _exts = msgspec.msgpack.Decoder(list[msgspec.msgpack.Ext])
 _host = msgspec.msgpack.Decoder(_HostTensorMsg)
 _encoder = msgspec.msgpack.Encoder()
+_TYPES = {t.value: t for t in RequestType}
 
 
 def decode_header(frames: Sequence[bytes]) -> Header:
@@ -103,11 +101,7 @@ def decode_header(frames: Sequence[bytes]) -> Header:
         value = _int.decode(type_frame)
     except msgspec.DecodeError as e:
         raise ProtocolError(f"undecodable uid or type: {e}") from e
-    try:
-        rtype: RequestType | None = RequestType(value)
-    except ValueError:
-        rtype = None
-    return Header(uid=uid, type_frame=type_frame, type=rtype, payloads=frames[2:])
+    return Header(uid, type_frame, _TYPES.get(value), frames[2:])
 
 
 def failure_reply(rtype: RequestType, payloads: Sequence[bytes]) -> object:
@@ -182,20 +176,16 @@ def _decode_keys(data: bytes) -> tuple[CacheKey, ...]:
     keys = _keys.decode(_frame(data, MAX_LIST_FRAME, "keys"))
     if len(keys) > MAX_KEYS_PER_REQUEST:
         raise ProtocolError(f"{len(keys)} keys, over {MAX_KEYS_PER_REQUEST}")
+    # msgspec checked each field's bounds; what is left spans two fields.
     expanded = 0
     for key in keys:
-        if not 1 <= key.world_size <= MAX_WORLD_SIZE:
-            raise ProtocolError(
-                f"world_size {key.world_size} out of 1..{MAX_WORLD_SIZE}"
-            )
-        if key.worker_id is None:
+        worker = key.worker_id
+        if worker is None:
             expanded += key.world_size
-        elif not 0 <= key.worker_id < key.world_size:
-            raise ProtocolError(f"worker_id {key.worker_id} not in 0..world_size-1")
-        else:
+        elif worker < key.world_size:
             expanded += 1
-        if len(key.model_name) > MAX_MODEL_NAME or len(key.chunk_hash) > MAX_CHUNK_HASH:
-            raise ProtocolError("model name or chunk hash too long")
+        else:
+            raise ProtocolError(f"worker_id {worker} not in 0..world_size-1")
     if expanded > MAX_EXPANDED_KEYS:
         raise ProtocolError(f"keys expand to {expanded} per-rank keys")
     return tuple(keys)

@@ -7,7 +7,7 @@ codec builds and the rest of the daemon consumes.
 from __future__ import annotations
 
 import enum
-from typing import TypeAlias
+from typing import Annotated, TypeAlias
 
 import attrs
 import msgspec
@@ -60,10 +60,11 @@ class CacheKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     conversion step. `worker_id` None means "every rank 0..world_size-1".
     """
 
-    model_name: str
-    world_size: int
-    worker_id: int | None
-    chunk_hash: bytes
+    # Bounds are checked by msgspec while decoding, in C.
+    model_name: Annotated[str, msgspec.Meta(max_length=MAX_MODEL_NAME)]
+    world_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_WORLD_SIZE)]
+    worker_id: Annotated[int, msgspec.Meta(ge=0, lt=MAX_WORLD_SIZE)] | None
+    chunk_hash: Annotated[bytes, msgspec.Meta(max_length=MAX_CHUNK_HASH)]
 
     def ranks(self) -> list[CacheKey]:
         """The per-rank keys this key stands for (itself when it names a rank)."""
