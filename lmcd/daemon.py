@@ -80,38 +80,38 @@ class Daemon:
         Raises `ConfigError` when the address cannot be bound.
         """
         endpoint = self.listener.bind()
+        # Signals are caught from here on, so that one arriving during
+        # start-up still means a clean shutdown rather than a traceback.
+        signals = trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self.scheduler.run)
-                await nursery.start(self.handlers.run)
-                await nursery.start(self.listener.run)
-                if self.config.metrics_port is not None:
-                    await self._start_metrics(nursery)
-                log.info(
-                    "lmcd %s listening on %s (chunk size %d, CPU buffer %.2f GiB, "
-                    "%d worker%s)",
-                    _version(),
-                    endpoint,
-                    self.config.chunk_size,
-                    self.config.cpu_buffer_size,
-                    self.config.max_workers,
-                    "" if self.config.max_workers == 1 else "s",
-                )
-                # Start-up objects (torch, modules) live for good: keep the
-                # cyclic GC from rescanning them on the request path.
-                gc.collect()
-                gc.freeze()
-                task_status.started(endpoint)
-                with trio.open_signal_receiver(
-                    signal.SIGINT, signal.SIGTERM
-                ) as signals:
-                    async for signum in signals:
-                        log.info(
-                            "Received %s, shutting down", signal.Signals(signum).name
-                        )
+            with signals as received:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.scheduler.run)
+                    await nursery.start(self.handlers.run)
+                    await nursery.start(self.listener.run)
+                    if self.config.metrics_port is not None:
+                        await self._start_metrics(nursery)
+                    # Start-up objects (torch, modules) live for good: keep
+                    # the cyclic GC from rescanning them on the request path.
+                    gc.collect()
+                    gc.freeze()
+                    log.info(
+                        "lmcd %s listening on %s (chunk size %d, CPU buffer "
+                        "%.2f GiB, %d worker%s)",
+                        _version(),
+                        endpoint,
+                        self.config.chunk_size,
+                        self.config.cpu_buffer_size,
+                        self.config.max_workers,
+                        "" if self.config.max_workers == 1 else "s",
+                    )
+                    task_status.started(endpoint)
+                    async for signum in received:
+                        name = signal.Signals(signum).name
+                        log.info("Received %s, shutting down", name)
                         break
-                await self.shutdown()
-                nursery.cancel_scope.cancel()
+                    await self.shutdown()
+                    nursery.cancel_scope.cancel()
         finally:
             self.listener.close()
             log.info("lmcd stopped")
