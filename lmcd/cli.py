@@ -161,6 +161,63 @@ def inspect(
             pass
 
 
+WORKLOADS = ("noop", "lookup", "store", "retrieve", "cuda", "all")
+
+
+@app.command()
+def bench(
+    host: Annotated[str, typer.Option(help="The daemon's address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The daemon's port.")] = 5555,
+    spawn: Annotated[
+        bool, typer.Option(help="Start a daemon of its own on a free port.")
+    ] = False,
+    workload: Annotated[str, typer.Option(help=", ".join(WORKLOADS))] = "all",
+    clients: Annotated[int, typer.Option(help="Concurrent clients.")] = 4,
+    duration: Annotated[float, typer.Option(help="Seconds per control test.")] = 5.0,
+    keys: Annotated[int, typer.Option(help="Keys per LOOKUP.")] = 64,
+    hits: Annotated[bool, typer.Option(help="LOOKUP keys that are present.")] = True,
+    layers: Annotated[int, typer.Option(help="Model layers (store/retrieve).")] = 32,
+    heads: Annotated[int, typer.Option(help="KV heads.")] = 8,
+    head_size: Annotated[int, typer.Option(help="Head size.")] = 128,
+    dtype: Annotated[str, typer.Option(help="KV dtype.")] = "bfloat16",
+    block_size: Annotated[int, typer.Option(help="vLLM block size.")] = 16,
+    chunks: Annotated[int, typer.Option(help="Chunks per STORE/RETRIEVE.")] = 8,
+    rounds: Annotated[int, typer.Option(help="Timed STORE/RETRIEVE requests.")] = 6,
+    warmup: Annotated[int, typer.Option(help="Untimed STORE/RETRIEVE rounds.")] = 2,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Measure a daemon: requests/s and latency, GB/s (like redis-benchmark)."""
+    from lmcd.benchrun import BenchOptions, run_bench
+
+    if workload not in WORKLOADS:
+        raise _fail(f"--workload must be one of {', '.join(WORKLOADS)}", 2)
+    if clients < 1 or duration <= 0 or keys < 1 or chunks < 1 or rounds < 1:
+        raise _fail("--clients, --duration, --keys, --chunks, --rounds must be > 0", 2)
+    options = BenchOptions(
+        host=host,
+        port=port,
+        spawn=spawn,
+        workload=workload,
+        clients=clients,
+        duration=duration,
+        keys=keys,
+        hits=hits,
+        layers=layers,
+        heads=heads,
+        head_size=head_size,
+        dtype=dtype,
+        block_size=block_size,
+        chunks=chunks,
+        rounds=rounds,
+        warmup=warmup,
+        json=json_,
+    )
+    try:
+        run_bench(options)
+    except LmcdError as e:
+        raise _fail(str(e), 1) from None
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

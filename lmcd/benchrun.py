@@ -1,0 +1,221 @@
+"""`lmcd bench`: run the chosen workloads and print a table or JSON."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import attrs
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from lmcd.bench import (
+    LatencyResult,
+    ModelShape,
+    ThroughputResult,
+    closed_loop,
+    data_plane,
+    lookup_payloads,
+    prefill_lookup_keys,
+)
+from lmcd.client import Client, Unreachable
+from lmcd.errors import LmcdError
+from lmcd.transfer.layouts import DTYPE_SIZES
+from lmcd.wire.types import RequestType
+
+
+@attrs.frozen
+class BenchOptions:
+    host: str
+    port: int
+    spawn: bool
+    workload: str
+    clients: int
+    duration: float
+    keys: int
+    hits: bool
+    layers: int
+    heads: int
+    head_size: int
+    dtype: str
+    block_size: int
+    chunks: int
+    rounds: int
+    warmup: int
+    json: bool
+
+
+@contextmanager
+def _spawned(buffer_gib: float) -> Iterator[int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lmcd",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--cpu-buffer-size",
+            f"{buffer_gib:.3f}",
+            "--log-level",
+            "warning",
+        ],
+    )
+    try:
+        deadline = time.monotonic() + 60
+        with Client("127.0.0.1", port) as client:
+            while True:
+                try:
+                    client.call(RequestType.NOOP, timeout=1.0)
+                    break
+                except Unreachable:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise LmcdError("the spawned daemon did not start") from None
+        yield port
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_bench(opts: BenchOptions) -> dict[str, Any]:
+    """Run the workloads of `opts`; prints and returns the results."""
+    if opts.dtype not in DTYPE_SIZES:
+        raise LmcdError(f"unknown dtype {opts.dtype!r}")
+    shape = ModelShape(
+        opts.layers, opts.heads, opts.head_size, opts.dtype, opts.block_size
+    )
+    names = (
+        ["noop", "lookup", "store", "retrieve", "cuda"]
+        if opts.workload == "all"
+        else [opts.workload]
+    )
+    request_gib = shape.chunk_bytes(256) * opts.chunks / (1 << 30)
+    buffer_gib = max(0.25, 2.5 * request_gib)
+    if opts.spawn:
+        # Fill the fresh buffer once untimed: first-touch page faults are a
+        # start-up cost, not the steady state being measured.
+        fill = int(buffer_gib / request_gib) + 1
+        opts = attrs.evolve(opts, warmup=max(opts.warmup, fill))
+        with _spawned(buffer_gib) as port:
+            return _run(opts, shape, names, "127.0.0.1", port)
+    with Client(opts.host, opts.port) as client:
+        client.call(RequestType.NOOP, timeout=2.0)  # fail fast if nothing answers
+    return _run(opts, shape, names, opts.host, opts.port)
+
+
+def _run(
+    opts: BenchOptions, shape: ModelShape, names: list[str], host: str, port: int
+) -> dict[str, Any]:
+    url = f"tcp://{host}:{port}"
+    err = Console(stderr=True)
+    results: dict[str, Any] = {"target": url, "clients": opts.clients}
+    with Progress(console=err, transient=True, disable=opts.json) as progress:
+        for name in names:
+            task = progress.add_task(name, total=1.0)
+
+            def advance(fraction: float, task: Any = task) -> None:
+                progress.update(task, completed=fraction)
+
+            if name == "noop":
+                results["noop"] = closed_loop(
+                    url,
+                    RequestType.NOOP,
+                    [],
+                    clients=opts.clients,
+                    duration=opts.duration,
+                    progress=advance,
+                )
+            elif name == "lookup":
+                if opts.hits:
+                    prefill_lookup_keys(host, port, opts.keys)
+                payloads = lookup_payloads(opts.keys, opts.hits)
+                results["lookup"] = closed_loop(
+                    url,
+                    RequestType.LOOKUP,
+                    payloads,
+                    clients=opts.clients,
+                    duration=opts.duration,
+                    progress=advance,
+                )
+            elif name in ("store", "retrieve"):
+                if "store" in results or "retrieve" in results:
+                    continue  # one run measures both
+                store, retrieve = data_plane(
+                    host,
+                    port,
+                    shape,
+                    chunks_per_request=opts.chunks,
+                    rounds=opts.rounds,
+                    warmup=opts.warmup,
+                    progress=advance,
+                )
+                results["store"], results["retrieve"] = store, retrieve
+            elif name == "cuda":
+                results["cuda"] = _cuda(opts)
+            progress.update(task, completed=1.0)
+    out = {k: attrs.asdict(v) if attrs.has(type(v)) else v for k, v in results.items()}
+    for k in ("store", "retrieve"):
+        if k in out:
+            out[k]["ratio_to_memcpy"] = results[k].ratio
+    if opts.json:
+        print(json.dumps(out, indent=2))
+    else:
+        _print_tables(results)
+    return out
+
+
+def _cuda(opts: BenchOptions) -> dict[str, Any]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    from lmcd.gpucheck import run
+
+    return run(opts.layers, max(opts.chunks, 4), max(opts.rounds, 1), 8.0)
+
+
+def _print_tables(results: dict[str, Any]) -> None:
+    console = Console()
+    latency = Table(title=f"Control plane ({results['clients']} clients)")
+    for col in ("workload", "requests/s", "p50 µs", "p99 µs", "p99.9 µs"):
+        latency.add_column(col, justify="right" if col != "workload" else "left")
+    for r in results.values():
+        if isinstance(r, LatencyResult):
+            latency.add_row(
+                r.workload,
+                f"{r.rps:,.0f}",
+                f"{r.p50_us:,.0f}",
+                f"{r.p99_us:,.0f}",
+                f"{r.p999_us:,.0f}",
+            )
+    if latency.row_count:
+        console.print(latency)
+    data = Table(title="Data plane (host path)")
+    for col in ("operation", "GB/s", "memcpy GB/s", "ratio"):
+        data.add_column(col, justify="right" if col != "operation" else "left")
+    for r in results.values():
+        if isinstance(r, ThroughputResult):
+            data.add_row(
+                r.workload, f"{r.gbps:.2f}", f"{r.memcpy_gbps:.2f}", f"{r.ratio:.0%}"
+            )
+    if data.row_count:
+        console.print(data)
+    if "cuda" in results:
+        console.print(f"CUDA path: {json.dumps(results['cuda'])}")
