@@ -3,13 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import attrs
@@ -26,8 +19,9 @@ from lmcd.bench import (
     lookup_payloads,
     prefill_lookup_keys,
 )
-from lmcd.client import Client, Unreachable
+from lmcd.client import Client
 from lmcd.errors import LmcdError
+from lmcd.spawn import spawned_daemon
 from lmcd.transfer.layouts import DTYPE_SIZES
 from lmcd.wire.types import RequestType
 
@@ -53,47 +47,6 @@ class BenchOptions:
     json: bool
 
 
-@contextmanager
-def _spawned(buffer_gib: float) -> Iterator[int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lmcd",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--cpu-buffer-size",
-            f"{buffer_gib:.3f}",
-            "--log-level",
-            "warning",
-        ],
-    )
-    try:
-        deadline = time.monotonic() + 60
-        with Client("127.0.0.1", port) as client:
-            while True:
-                try:
-                    client.call(RequestType.NOOP, timeout=1.0)
-                    break
-                except Unreachable:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise LmcdError("the spawned daemon did not start") from None
-        yield port
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
     """Run the workloads of `opts`; prints and returns the results."""
     if opts.dtype not in DTYPE_SIZES:
@@ -113,7 +66,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         # start-up cost, not the steady state being measured.
         fill = int(buffer_gib / request_gib) + 1
         opts = attrs.evolve(opts, warmup=max(opts.warmup, fill))
-        with _spawned(buffer_gib) as port:
+        with spawned_daemon("--cpu-buffer-size", f"{buffer_gib:.3f}") as port:
             return _run(opts, shape, names, "127.0.0.1", port)
     with Client(opts.host, opts.port) as client:
         client.call(RequestType.NOOP, timeout=2.0)  # fail fast if nothing answers

@@ -22,21 +22,14 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from typing import Any
 
+from lmcd.spawn import spawned_daemon
+
 BLOCK = 16
 CHUNK = 256
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pinned_baseline(nbytes: int, iters: int) -> dict[str, float]:
@@ -158,21 +151,6 @@ def worker(url: str, args: dict[str, Any], results: Any) -> None:  # noqa: PLR09
     results.put(report)
 
 
-def _wait_ready(port: int, timeout: float = 60.0) -> None:
-    from lmcd.client import Client, Unreachable
-    from lmcd.wire.types import RequestType
-
-    deadline = time.monotonic() + timeout
-    with Client("127.0.0.1", port) as client:
-        while True:
-            try:
-                client.call(RequestType.NOOP, timeout=1.0)
-                return
-            except Unreachable:
-                if time.monotonic() > deadline:
-                    raise
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--layers", type=int, default=32)
@@ -199,25 +177,8 @@ def run(layers: int, chunks: int, iters: int, buffer_gb: float) -> dict[str, Any
     args = argparse.Namespace(
         layers=layers, chunks=chunks, iters=iters, buffer_gb=buffer_gb
     )
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lmcd",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--cpu-buffer-size",
-            str(args.buffer_gb),
-            "--max-workers",
-            "2",
-        ],
-    )  # its log goes to our stderr
-    try:
-        _wait_ready(port)
+    flags = ("--cpu-buffer-size", str(args.buffer_gb), "--max-workers", "2")
+    with spawned_daemon(*flags, log_level="info") as port:
         ctx = mp.get_context("spawn")
         results = ctx.Queue()
         proc = ctx.Process(
@@ -226,13 +187,6 @@ def run(layers: int, chunks: int, iters: int, buffer_gb: float) -> dict[str, Any
         proc.start()
         report: dict[str, Any] = results.get(timeout=240)
         proc.join(30)
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
     report["device"] = torch.cuda.get_device_name(0)
     base = report["pinned_copy_GBps"]
     mha = report["checks"]["mha-bf16"]

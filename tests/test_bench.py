@@ -77,3 +77,11 @@ def test_bad_workload() -> None:
     result = bench("--workload", "everything")
     assert result.returncode == 2
     assert "--workload must be one of" in result.stderr
+
+
+def test_spawn_starts_and_stops_its_own_daemon() -> None:
+    result = bench("--spawn", "--workload", "noop", "--duration", "0.2", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["noop"]["requests"] > 0
+    assert out["target"].startswith("tcp://127.0.0.1:")
