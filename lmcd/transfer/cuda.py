@@ -14,6 +14,7 @@ Everything here runs in a worker thread, except `query`.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -85,7 +86,7 @@ class CudaKV:
 
         layout = self.layout
         per_chunk = layout.chunk_bytes(chunk_tokens)
-        batch = max(1, self.staging_bytes // (2 * per_chunk))
+        batch = max(1, self.staging_bytes // per_chunk)
         if not self._staging:
             for _ in range(2):
                 self._staging.append(
@@ -130,7 +131,8 @@ def open_cuda_kv(refs: Sequence[CudaTensorRef], staging_bytes: int) -> CudaKV:
                 storage = torch.UntypedStorage._new_shared_cuda(device, *ref.handle[1:])
                 t = torch.empty(0, dtype=torch_dtype(ref.dtype), device=device)
                 t.set_(storage)
-                t = t.view(ref.shape)
+                # The shared storage may be larger than the tensor in it.
+                t = t[: math.prod(ref.shape)].view(ref.shape)
                 layers.append(
                     t.view(layout.planes, layout.num_blocks, layout.block_row)
                 )
