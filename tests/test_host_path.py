@@ -260,3 +260,28 @@ def test_store_larger_than_buffer_evicts_and_keeps_serving(
                 assert torch.equal(a, b)
     finally:
         close_client(c)
+
+
+def test_unregister_waits_for_in_flight_copies(client: Any, server: Server) -> None:
+    from lmcache.v1.multiprocess.protocol import RequestType, get_response_class
+
+    # A copy long enough (32 layers, 32 chunks) to still run when UNREGISTER lands.
+    with random_kv("mha", num_layers=32, num_blocks=32 * PER_CHUNK) as kv:
+        instance = register(client, kv)
+        keys = [key(i, model=f"unreg{instance}") for i in range(32)]
+        ids = list(range(32 * PER_CHUNK))
+        store = client.submit_request(
+            RequestType.STORE,
+            [keys, instance, ids, EVENT],
+            get_response_class(RequestType.STORE),
+        )
+        unregister = client.submit_request(
+            RequestType.UNREGISTER_KV_CACHE, [instance], None
+        )
+        assert unregister.result(30) is None
+        assert store.query(), "UNREGISTER was answered before the STORE it waited for"
+        assert store.result(30) == (EVENT, True)
+        assert call(client, "LOOKUP", [keys, None]) == [True] * 32
+        server.wait_for_log(f"Unregistered KV cache for GPU ID {instance}")
+        # The instance is gone: copies for it now fail at once.
+        assert call(client, "STORE", [keys[:1], instance, ids, EVENT]) == (EVENT, False)

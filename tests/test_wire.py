@@ -10,6 +10,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmcd.errors import ProtocolError
 from lmcd.wire import (
@@ -240,3 +242,43 @@ def test_bad_host_tensor_extensions(data: dict[str, object]) -> None:
 def test_unknown_extension_code() -> None:
     ext = msgspec.msgpack.Ext(9, b"")
     _payload_error([_enc(1), _enc(1), _enc(7), _enc([ext])])
+
+
+_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.binary(max_size=40)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.dictionaries(st.sampled_from([*KEY, "extra"]), inner, max_size=5)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8, 1000, 9]),
+    st.lists(_values.map(_enc) | st.binary(max_size=30), max_size=5),
+)
+def test_any_payload_decodes_or_is_refused_with_a_reply(
+    rtype: int, payloads: list[bytes]
+) -> None:
+    """No payload makes the codec raise anything but PayloadError."""
+    header = decode_header([_enc(1), _enc(rtype), *payloads])
+    try:
+        decode_request(header)
+    except PayloadError as e:
+        encode_reply(header, e.reply)  # the failure reply always encodes
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=12), max_size=4))
+def test_any_header_decodes_or_is_refused(frames: list[bytes]) -> None:
+    try:
+        header = decode_header(frames)
+    except ProtocolError:
+        return
+    assert header.uid == frames[0]
