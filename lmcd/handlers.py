@@ -68,6 +68,7 @@ class Handlers:
     extra_stats: Callable[[], dict[str, Any]] = lambda: {}
     _nursery: trio.Nursery | None = None
     _inflight: int = 0
+    _log_limit: RateLimitedLog = attrs.field(factory=lambda: RateLimitedLog(log))
     _idle: trio.Event = attrs.field(factory=trio.Event)
 
     async def run(
@@ -126,11 +127,11 @@ class Handlers:
 
     def _malformed(self, what: str) -> None:
         self.counters.malformed_messages += 1
-        log.warning("Malformed message: %s", what)
+        self._log_limit.warning("Malformed message: %s", what)
 
     def _failed(self, header: Header, what: str) -> object:
         self.counters.failed_requests += 1
-        log.warning("%s", what)
+        self._log_limit.warning("%s", what)
         assert header.type is not None
         return failure_reply(header.type, header.payloads)
 
@@ -240,3 +241,38 @@ class Handlers:
             "instances": [i.describe() for i in self.scheduler.instances()],
             **self.extra_stats(),
         }
+
+
+@attrs.define(slots=True)
+class RateLimitedLog:
+    """Warnings at most `per_second` a second; the rest are counted and the
+    count is reported with the next warning that gets through, so that a
+    flood of bad messages cannot flood the log (every one is still counted
+    in the statistics)."""
+
+    logger: logging.Logger
+    per_second: float = 20.0
+    clock: Callable[[], float] = time.monotonic
+    _tokens: float = attrs.field(init=False)
+    _last: float = attrs.field(default=0.0, init=False)
+    _suppressed: int = attrs.field(default=0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._tokens = self.per_second
+        self._last = self.clock()
+
+    def warning(self, message: str, *args: object) -> None:
+        now = self.clock()
+        self._tokens = min(
+            self.per_second, self._tokens + (now - self._last) * self.per_second
+        )
+        self._last = now
+        if self._tokens < 1:
+            self._suppressed += 1
+            return
+        self._tokens -= 1
+        if self._suppressed:
+            message += " (%d similar warnings suppressed)"
+            args = (*args, self._suppressed)
+            self._suppressed = 0
+        self.logger.warning(message, *args)

@@ -59,3 +59,23 @@ async def test_crashing_handler_gets_a_failure_reply(
             assert daemon.handlers.counters.failed_requests == 1
             nursery.cancel_scope.cancel()
 
+
+def test_warnings_are_rate_limited_but_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from lmcd.handlers import RateLimitedLog
+
+    now = [0.0]
+    limited = RateLimitedLog(
+        logging.getLogger("lmcd.test"), per_second=5, clock=lambda: now[0]
+    )
+    with caplog.at_level(logging.WARNING, logger="lmcd.test"):
+        for i in range(100):
+            limited.warning("bad message %d", i)
+        assert len(caplog.records) == 5
+        now[0] = 1.0
+        limited.warning("bad message %d", 100)
+    assert len(caplog.records) == 6
+    assert caplog.records[-1].getMessage() == (
+        "bad message 100 (95 similar warnings suppressed)"
+    )
