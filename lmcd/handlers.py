@@ -19,7 +19,7 @@ import trio
 
 from lmcd import __version__
 from lmcd.errors import LmcdError, ProtocolError, RegistrationError, TransferError
-from lmcd.scheduler import TransferScheduler
+from lmcd.scheduler import RetrieveJob, StoreJob, TransferScheduler
 from lmcd.storage import StorageManager
 from lmcd.wire import (
     Header,
@@ -107,11 +107,28 @@ class Handlers:
         name = type(request).__name__
         self.counters.by_type[name] = self.counters.by_type.get(name, 0) + 1
         if isinstance(request, RegisterKVCache | UnregisterKVCache | Store | Retrieve):
+            # Copies are admitted here, in arrival order (validated, memory
+            # reserved or pinned, counted in flight), before their task runs:
+            # an UNREGISTER that arrives after a STORE then waits for it.
+            name = type(request).__name__
+            try:
+                job = self._admit(request)
+            except (TransferError, ValueError) as e:
+                self._reply(
+                    identity, header, self._failed(header, f"{name} failed: {e}")
+                )
+                return
+            except Exception:  # a bug must not take the listener down
+                log.exception("%s crashed", name)
+                self._reply(
+                    identity, header, self._failed(header, f"{name} internal error")
+                )
+                return
             assert self._nursery is not None
             if not self._inflight:
                 self._idle = trio.Event()
             self._inflight += 1
-            self._nursery.start_soon(self._data_plane, identity, header, request)
+            self._nursery.start_soon(self._data_plane, identity, header, request, job)
             return
         try:
             value = self._control_plane(request)
@@ -155,11 +172,22 @@ class Handlers:
 
     # -- data plane (one task each) ------------------------------------------
 
+    def _admit(self, request: Request) -> StoreJob | RetrieveJob | None:
+        if isinstance(request, Store):
+            return self.scheduler.admit_store(request)
+        if isinstance(request, Retrieve):
+            return self.scheduler.admit_retrieve(request)
+        return None
+
     async def _data_plane(
-        self, identity: bytes, header: Header, request: Request
+        self,
+        identity: bytes,
+        header: Header,
+        request: Request,
+        job: StoreJob | RetrieveJob | None,
     ) -> None:
         try:
-            value = await self._serve_data(request)
+            value = await self._serve_data(request, job)
         except (TransferError, RegistrationError, ValueError) as e:
             value = self._failed(header, f"{type(request).__name__} failed: {e}")
         except Exception:  # a bug must not take the daemon down
@@ -171,11 +199,13 @@ class Handlers:
                 self._idle.set()
         self._reply(identity, header, value)
 
-    async def _serve_data(self, request: Request) -> object:
-        if isinstance(request, Store):
-            return await self.scheduler.store(request)
-        if isinstance(request, Retrieve):
-            return await self.scheduler.retrieve(request)
+    async def _serve_data(
+        self, request: Request, job: StoreJob | RetrieveJob | None
+    ) -> object:
+        if isinstance(job, StoreJob):
+            return await self.scheduler.run_store(job)
+        if isinstance(job, RetrieveJob):
+            return await self.scheduler.run_retrieve(job)
         if isinstance(request, RegisterKVCache):
             # The protocol has no error channel for REGISTER: a failure is
             # logged and counted, and the client still gets its (empty) reply.

@@ -20,7 +20,7 @@ import attrs
 import trio
 
 from lmcd.errors import LmcdError, RegistrationError, TransferError
-from lmcd.storage import StorageManager
+from lmcd.storage import Pin, Reservation, StorageManager
 from lmcd.transfer import cuda, host
 from lmcd.transfer.layouts import KVLayout, chunk_block_ids
 from lmcd.wire.types import (
@@ -68,6 +68,28 @@ class Instance:
             "hidden": layout.hidden,
             "inflight": self.inflight,
         }
+
+
+@attrs.frozen
+class StoreJob:
+    """An admitted STORE: its reserved chunks and their block ids."""
+
+    instance: Instance
+    request: Store
+    reservation: Reservation
+    chunks: list[tuple[Sequence[int], Any]]
+    started: float
+
+
+@attrs.frozen
+class RetrieveJob:
+    """An admitted RETRIEVE: its pinned chunks and their block ids."""
+
+    instance: Instance
+    request: Retrieve
+    pin: Pin
+    chunks: list[tuple[Sequence[int], Any]]
+    started: float
 
 
 @attrs.define(slots=True)
@@ -189,11 +211,13 @@ class TransferScheduler:
 
     # -- store ---------------------------------------------------------------
 
-    async def store(self, request: Store) -> list[object]:
-        """Carry out a STORE; returns `[event_handle, ok]`.
+    def admit_store(self, request: Store) -> StoreJob:
+        """Admit a STORE in arrival order (synchronously, on the Trio thread):
+        validate it, reserve its chunks and count it in flight, so that an
+        UNREGISTER that arrives after it waits for it.
 
-        Raises `TransferError` for an unknown instance or bad block ids (the
-        caller answers with a failure).
+        Raises `TransferError` for an unknown instance or bad block ids, and
+        `ValueError` for a chunk that can never fit the buffer.
         """
         started = time.perf_counter()
         instance = self._instance(request.instance_id)
@@ -202,17 +226,30 @@ class TransferScheduler:
         reservation = self.storage.reserve(
             request.keys, layout.chunk_bytes(self.chunk_size), layout.tag
         )
-        if not reservation.entries:
-            return [request.event_handle, reservation.ok]
         chunks = [
             (plan[i], self.storage.buffer(entry))
             for i, entry in zip(reservation.indices, reservation.entries, strict=True)
         ]
-        self._begin(instance)
+        if chunks:
+            self._begin(instance)
+        return StoreJob(instance, request, reservation, chunks, started)
+
+    async def store(self, request: Store) -> list[object]:
+        """Carry out a STORE; returns `[event_handle, ok]` (see `admit_store`)."""
+        return await self.run_store(self.admit_store(request))
+
+    async def run_store(self, job: StoreJob) -> list[object]:
+        """Copy an admitted STORE's chunks and commit them once copied.
+
+        Raises `TransferError` when the copy fails (its chunks are dropped).
+        """
+        instance, request, reservation = job.instance, job.request, job.reservation
+        if not job.chunks:
+            return [request.event_handle, reservation.ok]
         try:
             if isinstance(instance.kv, host.HostKV):
                 await trio.to_thread.run_sync(
-                    host.gather, instance.kv, chunks, limiter=self._limiter
+                    host.gather, instance.kv, job.chunks, limiter=self._limiter
                 )
                 reply: list[object] = [request.event_handle, reservation.ok]
                 done = None
@@ -221,7 +258,7 @@ class TransferScheduler:
                     cuda.store,
                     instance.kv,
                     request.event_handle,
-                    chunks,
+                    job.chunks,
                     self.chunk_size,
                     limiter=self._limiter,
                 )
@@ -235,7 +272,7 @@ class TransferScheduler:
         if done is None:
             self.storage.commit(reservation)
             self._end(instance)
-            self._log("Stored", len(chunks), started)
+            self._log("Stored", len(job.chunks), job.started)
         else:
             assert self._nursery is not None
             self._nursery.start_soon(
@@ -244,8 +281,8 @@ class TransferScheduler:
                 done,
                 keep,
                 reservation,
-                len(chunks),
-                started,
+                len(job.chunks),
+                job.started,
             )
         return reply
 
@@ -272,11 +309,11 @@ class TransferScheduler:
 
     # -- retrieve ------------------------------------------------------------
 
-    async def retrieve(self, request: Retrieve) -> list[object]:
-        """Carry out a RETRIEVE; returns `[event_handle, found]`.
+    def admit_retrieve(self, request: Retrieve) -> RetrieveJob:
+        """Admit a RETRIEVE in arrival order: validate it, pin the leading
+        committed chunks and count it in flight (see `admit_store`).
 
-        `found` is true for the leading chunks that were copied. Raises
-        `TransferError` for an unknown instance or bad block ids.
+        Raises `TransferError` for an unknown instance or bad block ids.
         """
         started = time.perf_counter()
         instance = self._instance(request.instance_id)
@@ -285,16 +322,30 @@ class TransferScheduler:
         pin = self.storage.pin(
             request.keys, layout.chunk_bytes(self.chunk_size), layout.tag
         )
-        n = len(pin.entries)
+        chunks = [(plan[i], self.storage.buffer(e)) for i, e in enumerate(pin.entries)]
+        if chunks:
+            self._begin(instance)
+        return RetrieveJob(instance, request, pin, chunks, started)
+
+    async def retrieve(self, request: Retrieve) -> list[object]:
+        """Carry out a RETRIEVE; returns `[event_handle, found]` (see
+        `admit_retrieve`): `found` is true for the leading chunks copied."""
+        return await self.run_retrieve(self.admit_retrieve(request))
+
+    async def run_retrieve(self, job: RetrieveJob) -> list[object]:
+        """Copy an admitted RETRIEVE's chunks into their blocks, then unpin.
+
+        Raises `TransferError` when the copy fails.
+        """
+        instance, request, pin = job.instance, job.request, job.pin
+        n = len(job.chunks)
         found = [True] * n + [False] * (len(request.keys) - n)
         if not n:
             return [request.event_handle, found]
-        chunks = [(plan[i], self.storage.buffer(e)) for i, e in enumerate(pin.entries)]
-        self._begin(instance)
         try:
             if isinstance(instance.kv, host.HostKV):
                 await trio.to_thread.run_sync(
-                    host.scatter, instance.kv, chunks, limiter=self._limiter
+                    host.scatter, instance.kv, job.chunks, limiter=self._limiter
                 )
                 done = None
                 reply: list[object] = [request.event_handle, found]
@@ -303,7 +354,7 @@ class TransferScheduler:
                     cuda.retrieve,
                     instance.kv,
                     request.event_handle,
-                    chunks,
+                    job.chunks,
                     self.chunk_size,
                     limiter=self._limiter,
                 )
@@ -317,11 +368,11 @@ class TransferScheduler:
         if done is None:
             self.storage.unpin(pin, completed=True)
             self._end(instance)
-            self._log("Retrieved", n, started)
+            self._log("Retrieved", n, job.started)
         else:
             assert self._nursery is not None
             self._nursery.start_soon(
-                self._unpin_when_done, instance, done, keep, pin, n, started
+                self._unpin_when_done, instance, done, keep, pin, n, job.started
             )
         return reply
 
