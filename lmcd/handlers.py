@@ -3,8 +3,10 @@
 Control-plane requests (LOOKUP, NOOP, GET_CHUNK_SIZE, CLEAR, STATS) touch
 only in-memory state on the Trio thread and are answered inline, without a
 task. Data-plane requests (REGISTER, UNREGISTER, STORE, RETRIEVE) wait on
-copies or threads, so each gets its own short task. Every request whose uid
-and type decode is answered, failures included.
+copies or threads, so each gets its own short task; STORE and RETRIEVE are
+admitted (validated, memory reserved or pinned) on arrival, before their
+task, so that requests take effect in the order they arrived. Every request
+whose uid and type decode is answered, failures included.
 """
 
 from __future__ import annotations
