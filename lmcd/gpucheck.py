@@ -158,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=4)
     parser.add_argument("--buffer-gb", type=float, default=24.0)
     parser.add_argument("--json", help="also write the report here")
+    parser.add_argument(
+        "--markdown",
+        help="also write a table here (docs/gpu-results.md is included in "
+        "docs/performance.md by `nox -s bench`)",
+    )
     args = parser.parse_args(argv)
     report = run(args.layers, args.chunks, args.iters, args.buffer_gb)
     text = json.dumps(report, indent=2)
@@ -165,7 +170,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             f.write(text)
+    if args.markdown and "checks" in report:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(report, args))
     return 0 if report.get("passed", True) else 1
+
+
+def markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
+    """The report as a table for docs/gpu-results.md."""
+    base = report["pinned_copy_GBps"]
+    lines = [
+        f"Device: {report['device']}; command: `python3 scripts/gpu_checks.py "
+        f"--layers {args.layers} --chunks {args.chunks} --iters {args.iters}`.",
+        f"Plain pinned copy of the same bytes, same run: {base['d2h']:.1f} GB/s "
+        f"GPU->CPU, {base['h2d']:.1f} GB/s CPU->GPU.",
+        "",
+        "| layout | bit-exact | store GB/s | retrieve GB/s |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    for name, c in report["checks"].items():
+        lines.append(
+            f"| {name} | {'yes' if c['bit_exact_and_found'] else 'NO'} | "
+            f"{c['store_GBps']:.1f} | {c['retrieve_GBps']:.1f} |"
+        )
+    lines += [
+        "",
+        f"MHA store: {report['store_vs_pinned_copy']:.0%} of the pinned copy; "
+        f"retrieve: {report['retrieve_vs_pinned_copy']:.0%} (target >= 80%).",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def run(layers: int, chunks: int, iters: int, buffer_gb: float) -> dict[str, Any]:
