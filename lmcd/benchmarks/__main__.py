@@ -294,8 +294,9 @@ def report(args: argparse.Namespace) -> str:
         "",
         "## GPU (CUDA IPC path)",
         "",
-        "Measured by `python3 scripts/gpu_checks.py` on a GPU machine (store and",
-        "retrieve GB/s next to a plain pinned-memory copy in the same run).",
+        "Measured on a GPU machine by `python3 scripts/gpu_checks.py --markdown",
+        "docs/gpu-results.md` (store and retrieve GB/s next to a plain",
+        "pinned-memory copy in the same run), then included here.",
     ]
     gpu = Path(args.out).with_name("gpu-results.md")
     if gpu.exists():
