@@ -22,6 +22,7 @@ import time
 import attrs
 import trio
 
+from lmcd import __version__
 from lmcd.config import Config
 from lmcd.handlers import Handlers
 from lmcd.listener import Listener
@@ -98,7 +99,7 @@ class Daemon:
                     log.info(
                         "lmcd %s listening on %s (chunk size %d, CPU buffer "
                         "%.2f GiB, %d worker%s)",
-                        _version(),
+                        __version__,
                         endpoint,
                         self.config.chunk_size,
                         self.config.cpu_buffer_size,
@@ -141,9 +142,3 @@ class Daemon:
             # Shutdown only, bounded: the outbox has no event to wait on.
             while self.listener.pending_replies:  # noqa: ASYNC110
                 await trio.sleep(0.01)
-
-
-def _version() -> str:
-    from lmcd import __version__
-
-    return __version__

@@ -112,7 +112,6 @@ class Handlers:
             # Copies are admitted here, in arrival order (validated, memory
             # reserved or pinned, counted in flight), before their task runs:
             # an UNREGISTER that arrives after a STORE then waits for it.
-            name = type(request).__name__
             try:
                 job = self._admit(request)
             except (TransferError, ValueError) as e:

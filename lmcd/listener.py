@@ -91,8 +91,12 @@ class Listener:
                     except zmq.Again:
                         break
                     self.received += 1
-                    if len(frames) >= 1:
+                    try:
                         self.on_message(frames[0], frames[1:])
+                    except Exception:
+                        # The handlers answer their own failures; this is the
+                        # last line that keeps a bug from killing the listener.
+                        log.exception("message handler failed")
                     handled += 1
                     if handled >= _BATCH:
                         break

@@ -164,6 +164,3 @@ Request: TypeAlias = (
     | Noop
     | Stats
 )
-
-# What a reply carries: None (no frame) or one msgpack-encodable value.
-ReplyValue: TypeAlias = object
