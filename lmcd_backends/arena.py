@@ -12,7 +12,7 @@ import bisect
 
 import attrs
 
-from lmcd_backends.protocol import ALIGNMENT, Extent
+from lmcd_backends.protocol import ALIGNMENT, Extent, TierStatistics
 
 
 def align_up(nbytes: int, alignment: int = ALIGNMENT) -> int:
@@ -178,3 +178,17 @@ class Arena:
     def live(self) -> list[Extent]:
         """Every live extent (for invariant checks)."""
         return list(self._live)
+
+
+def arena_statistics(arena: Arena) -> TierStatistics:
+    """A tier's statistics as its arena sees them (bytes, segments, extents)."""
+    return TierStatistics(
+        capacity_bytes=arena.capacity,
+        used_bytes=arena.used,
+        free_bytes=arena.free,
+        segments=arena.opened_segments,
+        segment_bytes=arena.segment_bytes,
+        materialized_bytes=arena.opened_bytes,
+        extents=arena.live_extents,
+        largest_free_bytes=arena.largest_free(),
+    )

@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from lmcd_backends.arena import Arena
+from lmcd_backends.arena import Arena, arena_statistics
 from lmcd_backends.protocol import Extent, TierStatistics
 
 log = logging.getLogger(__name__)
@@ -97,17 +97,7 @@ class PinnedCpuTier:
         return self._memory[extent.segment][extent.offset : extent.offset + extent.size]
 
     def statistics(self) -> TierStatistics:
-        arena = self._arena
-        return TierStatistics(
-            capacity_bytes=arena.capacity,
-            used_bytes=arena.used,
-            free_bytes=arena.free,
-            segments=arena.opened_segments,
-            segment_bytes=arena.segment_bytes,
-            materialized_bytes=arena.opened_bytes,
-            extents=arena.live_extents,
-            largest_free_bytes=arena.largest_free(),
-        )
+        return arena_statistics(self._arena)
 
 
 def _anonymous(size: int) -> Any:

@@ -102,27 +102,8 @@ def start_server(*args: str) -> Server:
     return server
 
 
-@pytest.fixture
-def server_factory() -> Iterator[list[Server]]:
-    """Start servers with `start_server`; each is stopped (and checked) after."""
-    servers: list[Server] = []
-    yield servers
-    for s in servers:
-        try:
-            code = s.stop()
-        except subprocess.TimeoutExpired:
-            s.proc.kill()
-            s.proc.wait()
-            s.close_pipes()
-            raise
-        assert code == 0, s.log()
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    """One daemon per test module (start-up imports torch: about a second)."""
-    s = start_server("--cpu-buffer-size", "0.25", "--segment-mb", "64")
-    yield s
+def stop_cleanly(s: Server) -> None:
+    """SIGINT; the daemon must exit 0 within 5 s (killed and failed if not)."""
     try:
         code = s.stop()
     except subprocess.TimeoutExpired:
@@ -131,6 +112,23 @@ def server() -> Iterator[Server]:
         s.close_pipes()
         raise
     assert code == 0, s.log()
+
+
+@pytest.fixture
+def server_factory() -> Iterator[list[Server]]:
+    """Start servers with `start_server`; each is stopped (and checked) after."""
+    servers: list[Server] = []
+    yield servers
+    for s in servers:
+        stop_cleanly(s)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    """One daemon per test module (start-up imports torch: about a second)."""
+    s = start_server("--cpu-buffer-size", "0.25", "--segment-mb", "64")
+    yield s
+    stop_cleanly(s)
 
 
 @pytest.fixture

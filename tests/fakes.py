@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import attrs
 
-from lmcd_backends.arena import Arena
+from lmcd_backends.arena import Arena, arena_statistics
 from lmcd_backends.protocol import Extent, TierStatistics
 
 
@@ -44,14 +44,4 @@ class ArenaTier:
         raise NotImplementedError("ArenaTier has no memory")
 
     def statistics(self) -> TierStatistics:
-        a = self.arena
-        return TierStatistics(
-            capacity_bytes=a.capacity,
-            used_bytes=a.used,
-            free_bytes=a.free,
-            segments=a.opened_segments,
-            segment_bytes=a.segment_bytes,
-            materialized_bytes=a.opened_bytes,
-            extents=a.live_extents,
-            largest_free_bytes=a.largest_free(),
-        )
+        return arena_statistics(self.arena)

@@ -140,6 +140,20 @@ def control_plane(duration: float) -> tuple[Table, Table]:
     return real, lean
 
 
+def latency_table(table: Table) -> list[str]:
+    lines = [
+        "| server | workload | requests/s | p50 µs | p99 µs | p99.9 µs |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for server, rows in table.items():
+        for name, r in rows.items():
+            lines.append(
+                f"| {server} | {name} | {r.rps:,.0f} | {r.p50_us:,.0f} | "
+                f"{r.p99_us:,.0f} | {r.p999_us:,.0f} |"
+            )
+    return lines
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -209,30 +223,16 @@ def report(args: argparse.Namespace) -> str:
         "`MessageQueueServer` + `MPStorageManager` with its `server.py` handlers.",
         'Echo: a bare pyzmq ROUTER answering "OK" (the floor for Python).',
         "",
-        "| server | workload | requests/s | p50 µs | p99 µs | p99.9 µs |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        *latency_table(cp),
     ]
-    for server, rows in cp.items():
-        for name, r in rows.items():
-            lines.append(
-                f"| {server} | {name} | {r.rps:,.0f} | {r.p50_us:,.0f} | "
-                f"{r.p99_us:,.0f} | {r.p999_us:,.0f} |"
-            )
     lines += [
         "",
         "The same workloads from a lean load generator (`lmcd.bench.closed_loop`:",
         f"{CLIENTS} DEALER sockets driven from one thread, pre-encoded frames), which",
         "leaves more of the machine to the server and so shows more of its cost:",
         "",
-        "| server | workload | requests/s | p50 µs | p99 µs | p99.9 µs |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        *latency_table(lean),
     ]
-    for server, rows in lean.items():
-        for name, r in rows.items():
-            lines.append(
-                f"| {server} | {name} | {r.rps:,.0f} | {r.p50_us:,.0f} | "
-                f"{r.p99_us:,.0f} | {r.p999_us:,.0f} |"
-            )
     lean_hit = lean["lmcd"]["lookup-hit"].rps / lean["reference"]["lookup-hit"].rps
     lean_noop = lean["lmcd"]["noop"].rps / lean["echo"]["noop"].rps
     hit_ratio = lm["lookup-hit"].rps / rf["lookup-hit"].rps
