@@ -285,3 +285,23 @@ def test_unregister_waits_for_in_flight_copies(client: Any, server: Server) -> N
         server.wait_for_log(f"Unregistered KV cache for GPU ID {instance}")
         # The instance is gone: copies for it now fail at once.
         assert call(client, "STORE", [keys[:1], instance, ids, EVENT]) == (EVENT, False)
+
+
+def test_file_shrunk_after_registration_fails_the_copy_not_the_daemon(
+    client: Any, server: Server
+) -> None:
+    import os
+
+    kv = random_kv("mha")
+    try:
+        instance = register(client, kv)
+        os.truncate(kv.path, 4096)  # the client breaks its own KV cache
+        ks = [key(1, model=f"shrunk{instance}")]
+        ids = list(range(PER_CHUNK))
+        assert call(client, "STORE", [ks, instance, ids, EVENT]) == (EVENT, False)
+        server.wait_for_log("shrank from")
+        assert call(client, "NOOP", []) == "OK"
+        assert call(client, "UNREGISTER_KV_CACHE", [instance]) is None
+    finally:
+        kv.layers.clear()  # its pages are gone: never touch them again
+        kv.close()

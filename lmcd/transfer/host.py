@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from lmcd.errors import RegistrationError
+from lmcd.errors import RegistrationError, TransferError
 from lmcd.transfer.layouts import DTYPE_SIZES, KVLayout
 from lmcd.wire.types import HostTensorRef
 
@@ -39,22 +39,51 @@ def torch_dtype(name: str) -> Any:
 
 
 @attrs.define(slots=True)
+class MappedFile:
+    """A shared-memory file mapped read-write; the descriptor stays open so
+    that each copy can check the file has not shrunk under the map."""
+
+    path: str
+    fd: int
+    map: mmap.mmap
+
+    def check(self) -> None:
+        """Raise `TransferError` if the file is now shorter than the map: a
+        copy through the missing pages would kill the process (SIGBUS)."""
+        size = os.fstat(self.fd).st_size
+        if size < len(self.map):
+            raise TransferError(
+                f"{self.path} shrank from {len(self.map)} to {size} bytes "
+                "after registration"
+            )
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except BufferError:  # a view is still alive somewhere; GC unmaps it
+            log.warning("shared-memory map of %s still in use; left to GC", self.path)
+        os.close(self.fd)
+
+
+@attrs.define(slots=True)
 class HostKV:
     """An opened host KV cache: one `[K, num_blocks, block_row]` view per layer."""
 
     layout: KVLayout
     layers: list[Any]
-    _maps: list[mmap.mmap]
+    files: list[MappedFile]
+
+    def check(self) -> None:
+        """Raise `TransferError` if a file behind the cache has shrunk."""
+        for f in self.files:
+            f.check()
 
     def close(self) -> None:
-        """Drop the views and unmap the files."""
+        """Drop the views, unmap and close the files."""
         self.layers.clear()
-        for m in self._maps:
-            try:
-                m.close()
-            except BufferError:  # a view is still alive somewhere; GC unmaps it
-                log.warning("shared-memory map still in use; left to the GC")
-        self._maps.clear()
+        for f in self.files:
+            f.close()
+        self.files.clear()
 
 
 def _checked_path(path: str) -> str:
@@ -70,24 +99,23 @@ def open_host_kv(refs: Sequence[HostTensorRef]) -> HostKV:
     that differ in shape or dtype."""
 
     layout = KVLayout.detect([r.shape for r in refs], [r.dtype for r in refs])
-    maps: dict[str, mmap.mmap] = {}
-    layers: list[Any] = []
+    files: dict[str, MappedFile] = {}
+    kv = HostKV(layout, [], [])
     try:
         for ref in refs:
             real = _checked_path(ref.path)
-            if real not in maps:
-                maps[real] = _map(real)
-            flat = _window(maps[real], ref)
-            typed = flat.view(torch_dtype(ref.dtype))
-            layers.append(
+            if real not in files:
+                files[real] = _map(real)
+                kv.files.append(files[real])
+            typed = _window(files[real].map, ref).view(torch_dtype(ref.dtype))
+            kv.layers.append(
                 typed.view(layout.planes, layout.num_blocks, layout.block_row)
             )
+            del typed
     except BaseException:
-        layers.clear()
-        for m in maps.values():
-            m.close()
+        kv.close()
         raise
-    return HostKV(layout, layers, list(maps.values()))
+    return kv
 
 
 def _window(m: mmap.mmap, ref: HostTensorRef) -> Any:
@@ -105,20 +133,24 @@ def _window(m: mmap.mmap, ref: HostTensorRef) -> Any:
     return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=ref.offset)
 
 
-def _map(path: str) -> mmap.mmap:
+def _map(path: str) -> MappedFile:
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
     except OSError as e:
         raise RegistrationError(f"cannot open {path}: {e.strerror}") from e
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
-            raise RegistrationError(f"{path} is not a non-empty regular file")
-        return mmap.mmap(
-            fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
-        )
-    finally:
+        region = _map_regular(fd, path)
+    except BaseException:
         os.close(fd)
+        raise
+    return MappedFile(path, fd, region)
+
+
+def _map_regular(fd: int, path: str) -> mmap.mmap:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        raise RegistrationError(f"{path} is not a non-empty regular file")
+    return mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
 
 def _chunk_view(kv: HostKV, buffer: Any, blocks: int) -> Any:
@@ -136,6 +168,7 @@ def gather(kv: HostKV, chunks: Sequence[tuple[Sequence[int], Any]]) -> None:
     """
     import torch
 
+    kv.check()
     for block_ids, buffer in chunks:
         index = torch.tensor(block_ids, dtype=torch.long)
         dest = _chunk_view(kv, buffer, len(block_ids))
@@ -155,6 +188,7 @@ def scatter(kv: HostKV, chunks: Sequence[tuple[Sequence[int], Any]]) -> None:
     layout = kv.layout
     row = layout.block_row * layout.itemsize
     plane_bytes = layout.num_blocks * row
+    kv.check()
     for block_ids, buffer in chunks:
         src = _chunk_view(kv, buffer, len(block_ids))
         src_base = src.data_ptr()
