@@ -64,6 +64,9 @@ def serve(
         int | None,
         typer.Option(help="Serve Prometheus /metrics and /healthz on this port."),
     ] = None,
+    disable_lazy_alloc: Annotated[
+        bool, typer.Option(help="Allocate the whole CPU buffer at start-up.")
+    ] = False,
     log_level: Annotated[
         str, typer.Option(help="debug, info, warning or error.")
     ] = "info",
@@ -87,6 +90,7 @@ def serve(
             staging_mb=staging_mb,
             segment_mb=segment_mb,
             metrics_port=metrics_port,
+            disable_lazy_alloc=disable_lazy_alloc,
         )
     except ConfigError as e:
         raise _fail(str(e), 2) from None

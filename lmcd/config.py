@@ -26,6 +26,7 @@ class Config:
     segment_mb: int = DEFAULT_SEGMENT_BYTES // MiB
     shutdown_grace: float = 3.0
     metrics_port: int | None = None
+    disable_lazy_alloc: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.chunk_size <= 0:

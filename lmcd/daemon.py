@@ -24,6 +24,7 @@ import trio
 
 from lmcd import __version__
 from lmcd.config import Config
+from lmcd.errors import ConfigError
 from lmcd.handlers import Handlers
 from lmcd.listener import Listener
 from lmcd.scheduler import TransferScheduler
@@ -81,6 +82,17 @@ class Daemon:
         Raises `ConfigError` when the address cannot be bound.
         """
         endpoint = self.listener.bind()
+        if self.config.disable_lazy_alloc:
+            tier = self.storage.tier
+            assert isinstance(tier, PinnedCpuTier)
+            log.info(
+                "Allocating the whole %.2f GiB buffer now", self.config.cpu_buffer_size
+            )
+            try:
+                await trio.to_thread.run_sync(tier.preallocate)
+            except MemoryError as e:
+                self.listener.close()
+                raise ConfigError(str(e)) from e
         # Signals are caught from here on, so that one arriving during
         # start-up still means a clean shutdown rather than a traceback.
         signals = trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)

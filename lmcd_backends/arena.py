@@ -120,6 +120,12 @@ class Arena:
     def live_extents(self) -> int:
         return len(self._live)
 
+    def open_all(self) -> None:
+        """Open every segment now (for tiers that allocate eagerly)."""
+        while self.opened_bytes < self.capacity:
+            size = min(self.segment_bytes, self.capacity - self.opened_bytes)
+            self._segments.append(_Segment.empty(size))
+
     def segment_size(self, index: int) -> int:
         return self._segments[index].size
 

@@ -61,6 +61,13 @@ class PinnedCpuTier:
     def fits(self, nbytes: int) -> bool:
         return self._arena.fits(nbytes)
 
+    def preallocate(self) -> None:
+        """Allocate (and pin) the whole capacity now instead of as it fills
+        (`--disable-lazy-alloc`). Raises `MemoryError` if it cannot."""
+        self._arena.open_all()
+        while len(self._memory) < self._arena.opened_segments:
+            self._open_segment(len(self._memory))
+
     def allocate(self, nbytes: int) -> Extent | None:
         extent = self._arena.allocate(nbytes)
         if extent is not None and extent.segment == len(self._memory):

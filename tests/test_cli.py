@@ -81,3 +81,20 @@ def test_help_lists_the_reference_flags() -> None:
         "--max-workers",
     ):
         assert flag in result.stdout
+
+
+def test_disable_lazy_alloc_takes_the_whole_buffer_at_start(
+    server_factory: list[Server],
+) -> None:
+    from lmcd.client import Client
+
+    s = start_server(
+        "--cpu-buffer-size", "0.05", "--segment-mb", "16", "--disable-lazy-alloc"
+    )
+    server_factory.append(s)
+    with Client("127.0.0.1", s.port) as client:
+        stats = client.stats()
+    capacity = int(0.05 * (1 << 30)) // 4096 * 4096  # whole pages
+    assert stats["allocated_bytes"] == stats["capacity_bytes"] == capacity
+    assert stats["segments"] == 4
+    assert stats["used_bytes"] == 0
