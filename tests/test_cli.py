@@ -79,6 +79,7 @@ def test_help_lists_the_reference_flags() -> None:
         "--chunk-size",
         "--cpu-buffer-size",
         "--max-workers",
+        "--disable-lazy-alloc",
     ):
         assert flag in result.stdout
 
