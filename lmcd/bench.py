@@ -38,6 +38,23 @@ class LatencyResult:
     p99_us: float
     p999_us: float
 
+    @classmethod
+    def from_latencies(
+        cls, workload: str, clients: int, seconds: float, latencies: list[float]
+    ) -> LatencyResult:
+        """Summarize per-request latencies (seconds) measured over `seconds`."""
+        latencies = sorted(latencies)
+        return cls(
+            workload=workload,
+            clients=clients,
+            requests=len(latencies),
+            seconds=seconds,
+            rps=len(latencies) / seconds,
+            p50_us=percentile(latencies, 0.50) * 1e6,
+            p99_us=percentile(latencies, 0.99) * 1e6,
+            p999_us=percentile(latencies, 0.999) * 1e6,
+        )
+
 
 @attrs.frozen
 class ThroughputResult:
@@ -135,17 +152,8 @@ def closed_loop(
         # Let in-flight replies arrive so the daemon is not left sending.
         for s in socks:
             s.poll(1000)
-        latencies.sort()
-        seconds = duration
-        return LatencyResult(
-            workload=rtype.name.lower(),
-            clients=clients,
-            requests=len(latencies),
-            seconds=seconds,
-            rps=len(latencies) / seconds,
-            p50_us=percentile(latencies, 0.50) * 1e6,
-            p99_us=percentile(latencies, 0.99) * 1e6,
-            p999_us=percentile(latencies, 0.999) * 1e6,
+        return LatencyResult.from_latencies(
+            rtype.name.lower(), clients, duration, latencies
         )
     finally:
         for s in socks:

@@ -42,8 +42,6 @@ class Listener:
     port: int
     on_message: OnMessage
     context: zmq.Context[zmq.Socket[bytes]] = attrs.field(factory=zmq.Context)
-    sent: int = 0
-    received: int = 0
     dropped_replies: int = 0
     _socket: zmq.Socket[bytes] | None = attrs.field(default=None, init=False)
     _outbox: deque[Sequence[bytes]] = attrs.field(factory=deque, init=False)
@@ -90,7 +88,6 @@ class Listener:
                         frames = _recv_frames(sock)
                     except zmq.Again:
                         break
-                    self.received += 1
                     try:
                         self.on_message(frames[0], frames[1:])
                     except Exception:
@@ -151,7 +148,6 @@ class Listener:
             # The peer went away; there is no one left to answer.
             self.dropped_replies += 1
             log.debug("reply to a disconnected client dropped")
-        self.sent += 1
         return True
 
     def _flush(self) -> None:

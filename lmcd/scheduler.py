@@ -234,12 +234,9 @@ class TransferScheduler:
             self._begin(instance)
         return StoreJob(instance, request, reservation, chunks, started)
 
-    async def store(self, request: Store) -> list[object]:
-        """Carry out a STORE; returns `[event_handle, ok]` (see `admit_store`)."""
-        return await self.run_store(self.admit_store(request))
-
     async def run_store(self, job: StoreJob) -> list[object]:
-        """Copy an admitted STORE's chunks and commit them once copied.
+        """Copy an admitted STORE's chunks and commit them once copied;
+        returns the reply, `[event_handle, ok]`.
 
         Raises `TransferError` when the copy fails (its chunks are dropped).
         """
@@ -327,13 +324,10 @@ class TransferScheduler:
             self._begin(instance)
         return RetrieveJob(instance, request, pin, chunks, started)
 
-    async def retrieve(self, request: Retrieve) -> list[object]:
-        """Carry out a RETRIEVE; returns `[event_handle, found]` (see
-        `admit_retrieve`): `found` is true for the leading chunks copied."""
-        return await self.run_retrieve(self.admit_retrieve(request))
-
     async def run_retrieve(self, job: RetrieveJob) -> list[object]:
-        """Copy an admitted RETRIEVE's chunks into their blocks, then unpin.
+        """Copy an admitted RETRIEVE's chunks into their blocks, then unpin;
+        returns the reply, `[event_handle, found]` (true for the leading
+        chunks copied).
 
         Raises `TransferError` when the copy fails.
         """

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from lmcd.client import Client, Unreachable
@@ -51,12 +51,9 @@ def stop(proc: subprocess.Popen[str], timeout: float = 10.0) -> None:
         proc.wait()
 
 
-@contextmanager
-def spawned_daemon(*flags: str, log_level: str = "warning") -> Iterator[int]:
-    """Run `lmcd serve FLAGS` on a free loopback port; yields the port once
-    it answers. Its log goes to this process's stderr."""
-    port = free_port()
-    args: Sequence[str] = [
+def serve_command(port: int, *flags: str) -> list[str]:
+    """The command line of `lmcd serve` on loopback port `port`, plus `flags`."""
+    return [
         sys.executable,
         "-m",
         "lmcd",
@@ -65,10 +62,16 @@ def spawned_daemon(*flags: str, log_level: str = "warning") -> Iterator[int]:
         "127.0.0.1",
         "--port",
         str(port),
-        "--log-level",
-        log_level,
         *flags,
     ]
+
+
+@contextmanager
+def spawned_daemon(*flags: str, log_level: str = "warning") -> Iterator[int]:
+    """Run `lmcd serve FLAGS` on a free loopback port; yields the port once
+    it answers. Its log goes to this process's stderr."""
+    port = free_port()
+    args = serve_command(port, "--log-level", log_level, *flags)
     proc = subprocess.Popen(args, text=True)
     try:
         wait_ready(port, proc)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,13 +13,9 @@ import attrs
 import pytest
 import zmq
 
+from lmcd.spawn import free_port, serve_command
+
 STARTUP_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @attrs.define
@@ -66,17 +60,7 @@ class Server:
 def start_server(*args: str) -> Server:
     port = free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lmcd",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *args,
-        ],
+        serve_command(port, *args),
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,

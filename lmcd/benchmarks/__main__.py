@@ -34,7 +34,7 @@ from lmcd.bench import (
 )
 from lmcd.benchmarks.drive import drive
 from lmcd.benchmarks.storage_cycle import lmcd_cycle, reference_cycle
-from lmcd.spawn import free_port, stop
+from lmcd.spawn import free_port, serve_command, stop
 from lmcd.wire.types import RequestType
 
 LOOKUP_KEYS = 64
@@ -66,20 +66,9 @@ def process(args: list[str], ready: str) -> Iterator[subprocess.Popen[str]]:
 
 
 def lmcd_server(port: int, buffer_gib: float) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "lmcd",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--cpu-buffer-size",
-        str(buffer_gib),
-        "--segment-mb",
-        "256",
-    ]
+    return serve_command(
+        port, "--cpu-buffer-size", str(buffer_gib), "--segment-mb", "256"
+    )
 
 
 def baseline_server(kind: str, port: int) -> list[str]:

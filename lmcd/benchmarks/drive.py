@@ -11,7 +11,7 @@ import multiprocessing as mp
 import time
 from typing import Any
 
-from lmcd.bench import LatencyResult, percentile
+from lmcd.bench import LatencyResult
 
 
 def _keys(n_keys: int, hits: bool) -> list[Any]:
@@ -83,14 +83,4 @@ def drive(
         latencies.extend(out.get(timeout=duration + warmup + 60))
     for p in procs:
         p.join(10)
-    latencies.sort()
-    return LatencyResult(
-        workload=workload,
-        clients=clients,
-        requests=len(latencies),
-        seconds=duration,
-        rps=len(latencies) / duration,
-        p50_us=percentile(latencies, 0.5) * 1e6,
-        p99_us=percentile(latencies, 0.99) * 1e6,
-        p999_us=percentile(latencies, 0.999) * 1e6,
-    )
+    return LatencyResult.from_latencies(workload, clients, duration, latencies)
