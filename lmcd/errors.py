@@ -30,3 +30,7 @@ class TransferError(LmcdError):
 
 class StorageFull(LmcdError):
     """No room can be made for a chunk: everything evictable is already gone."""
+
+
+class TierError(LmcdError):
+    """A copy-holding tier (disk, remote) cannot serve at all right now."""

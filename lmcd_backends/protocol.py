@@ -8,6 +8,7 @@ where, and an eviction policy decides what goes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -81,4 +82,118 @@ class StorageTier(Protocol):
 
     def statistics(self) -> TierStatistics:
         """A snapshot of the tier's memory."""
+        ...
+
+
+# -- tiers that hold copies (disk, remote) -------------------------------------
+
+
+@attrs.frozen(cache_hash=True)
+class ObjectId:
+    """What a copy-holding tier files a chunk under.
+
+    `key` is the storage manager's neutral key, already encoded to bytes by
+    the manager (model, world size, rank, content hash and salt: see
+    `lmcd.storage.object_id`); `layout` is the chunk layout tag and `nbytes`
+    the chunk's exact length. A tier must return a chunk only for the same
+    (key, layout, nbytes): a reader with another layout gets a miss, never
+    bytes of the wrong shape.
+    """
+
+    key: bytes
+    layout: str
+    nbytes: int
+
+    def name(self) -> str:
+        """A stable, file- and URL-safe name (hex of a 128-bit digest of
+        all three fields). Not a security boundary: tiers store and check
+        the full id next to the payload."""
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        for part in (self.key, self.layout.encode(), str(self.nbytes).encode()):
+            h.update(len(part).to_bytes(4, "little"))
+            h.update(part)
+        return h.hexdigest()
+
+
+@attrs.frozen
+class CopyTierUsage:
+    """A snapshot of a copy-holding tier (bytes and counts)."""
+
+    capacity_bytes: int  # 0: the tier does not know (a remote cluster)
+    used_bytes: int
+    objects: int
+    reads: int
+    read_bytes: int
+    writes: int
+    written_bytes: int
+    read_failures: int  # I/O errors and failed verifications: served as misses
+    verify_failures: int
+    queue_depth: int  # operations submitted and not finished
+
+
+@attrs.frozen
+class TierHealth:
+    """Whether a tier is serving, and why not."""
+
+    healthy: bool
+    detail: str = ""
+
+
+class CopyTier(Protocol):
+    """A tier that holds copies of chunks under an `ObjectId` (disk, remote).
+
+    Unlike `StorageTier` it hands out no memory: the storage manager passes
+    the bytes in (`put`) and the buffer to fill (`get_into`). Every method is
+    batched and awaited on the Trio thread; implementations run blocking I/O
+    in worker threads and never return (nor get cancelled out) while a worker
+    still touches a caller's buffer. Locks, pins, capacity decisions and LRU
+    order stay with the storage manager: a tier never evicts on its own,
+    except a remote tier whose engine evicts by itself (its `contains` then
+    just says no).
+
+    Failures of single objects are results (False, a miss), not exceptions:
+    a chunk that cannot be read or does not verify is a miss, never wrong
+    bytes. `TierError` is raised only when the tier as a whole cannot serve.
+    """
+
+    name: str
+
+    async def contains(self, ids: Sequence[ObjectId]) -> list[bool]:
+        """Whether each id is held (may be a cheap index check, no I/O)."""
+        ...
+
+    async def put(self, items: Sequence[tuple[ObjectId, Any]]) -> list[bool]:
+        """Store each `(id, buffer)` (a 1-D uint8 tensor or bytes-like of
+        `id.nbytes`); the buffer is read before this returns and must not be
+        changed meanwhile. Returns per item whether it is now held."""
+        ...
+
+    async def get_into(self, items: Sequence[tuple[ObjectId, Any]]) -> list[bool]:
+        """Fill each `(id, buffer)` (writable, `id.nbytes` bytes) with the
+        verified chunk. Returns per item whether the buffer now holds it; a
+        False leaves the buffer's contents unspecified."""
+        ...
+
+    async def delete(self, ids: Sequence[ObjectId]) -> None:
+        """Forget each id (no error for one not held)."""
+        ...
+
+    def usage(self) -> CopyTierUsage:
+        """A snapshot of capacity, use and counters (no I/O)."""
+        ...
+
+    async def scan(self) -> list[tuple[ObjectId, int]]:
+        """Every object held, with its size on the tier, for recovery at
+        start-up (a tier that cannot list, such as a shared cluster, returns
+        an empty list)."""
+        ...
+
+    async def health(self) -> TierHealth:
+        """Whether the tier is serving now."""
+        ...
+
+    async def aclose(self) -> None:
+        """Finish or abandon queued work safely and release resources."""
         ...
