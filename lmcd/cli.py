@@ -67,6 +67,13 @@ def serve(
     disable_lazy_alloc: Annotated[
         bool, typer.Option(help="Allocate the whole CPU buffer at start-up.")
     ] = False,
+    dialect: Annotated[
+        str,
+        typer.Option(
+            help="Client dialect: auto (detected per connection), "
+            "lmcache-0.3 or lmcache-0.5."
+        ),
+    ] = "auto",
     log_level: Annotated[
         str, typer.Option(help="debug, info, warning or error.")
     ] = "info",
@@ -91,6 +98,7 @@ def serve(
             segment_mb=segment_mb,
             metrics_port=metrics_port,
             disable_lazy_alloc=disable_lazy_alloc,
+            dialect=dialect,
         )
     except ConfigError as e:
         raise _fail(str(e), 2) from None

@@ -6,6 +6,7 @@ import attrs
 
 from lmcd.errors import ConfigError
 from lmcd.transfer.cuda import DEFAULT_STAGING_BYTES
+from lmcd.wire.registry import dialects_for
 from lmcd_backends.pinned_cpu import DEFAULT_SEGMENT_BYTES
 
 GiB = 1 << 30
@@ -27,6 +28,7 @@ class Config:
     shutdown_grace: float = 3.0
     metrics_port: int | None = None
     disable_lazy_alloc: bool = False
+    dialect: str = "auto"
 
     def __attrs_post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -47,6 +49,7 @@ class Config:
             raise ConfigError(f"--lock-ttl must be > 0 (got {self.lock_ttl})")
         if self.staging_mb < 1 or self.segment_mb < 1:
             raise ConfigError("--staging-mb and --segment-mb must be >= 1")
+        dialects_for(self.dialect)  # raises ConfigError for an unknown name
         if self.buffer_bytes < 4096:
             raise ConfigError("--cpu-buffer-size is smaller than one 4 KiB page")
 

@@ -29,6 +29,8 @@ from lmcd.handlers import Handlers
 from lmcd.listener import Listener
 from lmcd.scheduler import TransferScheduler
 from lmcd.storage import StorageManager
+from lmcd.wire.detect import DialectRouter
+from lmcd.wire.registry import dialects_for
 from lmcd_backends.pinned_cpu import PinnedCpuTier
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class Daemon:
             self.scheduler,
             cfg.chunk_size,
             self.listener.send,
+            DialectRouter(dialects_for(cfg.dialect)),
             extra_stats=self._extra_stats,
         )
 

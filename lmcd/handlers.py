@@ -23,14 +23,8 @@ from lmcd import __version__
 from lmcd.errors import LmcdError, ProtocolError, RegistrationError, TransferError
 from lmcd.scheduler import RetrieveJob, StoreJob, TransferScheduler
 from lmcd.storage import StorageManager
-from lmcd.wire import (
-    Header,
-    PayloadError,
-    decode_header,
-    decode_request,
-    encode_reply,
-    failure_reply,
-)
+from lmcd.wire import Dialect, Message, Unsupported, parse
+from lmcd.wire.detect import Ambiguous, DialectRouter
 from lmcd.wire.types import (
     Clear,
     GetChunkSize,
@@ -54,7 +48,10 @@ class Counters:
     requests: int = 0
     malformed_messages: int = 0
     failed_requests: int = 0
+    ambiguous_messages: int = 0
+    unsupported_requests: int = 0
     by_type: dict[str, int] = attrs.field(factory=dict)
+    by_dialect: dict[str, int] = attrs.field(factory=dict)
 
 
 @attrs.define(slots=True, eq=False)
@@ -65,6 +62,7 @@ class Handlers:
     scheduler: TransferScheduler
     chunk_size: int
     send: Send
+    router: DialectRouter
     started_at: float = attrs.field(factory=time.monotonic)
     counters: Counters = attrs.field(factory=Counters)
     extra_stats: Callable[[], dict[str, Any]] = lambda: {}
@@ -72,6 +70,7 @@ class Handlers:
     _inflight: int = 0
     _log_limit: RateLimitedLog = attrs.field(factory=lambda: RateLimitedLog(log))
     _idle: trio.Event = attrs.field(factory=trio.Event)
+    _unsupported_seen: set[str] = attrs.field(factory=set)
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -95,16 +94,34 @@ class Handlers:
 
     def on_message(self, identity: bytes, frames: list[bytes]) -> None:
         try:
-            header = decode_header(frames)
+            message = parse(frames)
         except ProtocolError as e:
             self._malformed(f"unanswerable message: {e}")
             return
         self.counters.requests += 1
         try:
-            request = decode_request(header)
-        except PayloadError as e:
-            self._malformed(str(e))
-            self._reply(identity, header, e.reply)
+            routed = self.router.route(identity, message)
+        except Ambiguous as e:
+            self.counters.ambiguous_messages += 1
+            self._log_limit.warning(
+                "Message of type %r from an undetected client left unanswered: %s",
+                message.op,
+                e,
+            )
+            return
+        dialect = routed.dialect
+        request = routed.request
+        counts = self.counters.by_dialect
+        counts[dialect.name] = counts.get(dialect.name, 0) + 1
+        if request is None:
+            error = routed.error
+            assert error is not None
+            if isinstance(error, Unsupported):
+                self._unsupported(dialect, error)
+            else:
+                self._malformed(f"{dialect.name}: {error}")
+            if error.reply is not None:
+                self.send([identity, *error.reply])
             return
         name = type(request).__name__
         self.counters.by_type[name] = self.counters.by_type.get(name, 0) + 1
@@ -115,50 +132,69 @@ class Handlers:
             try:
                 job = self._admit(request)
             except (TransferError, ValueError) as e:
-                self._reply(
-                    identity, header, self._failed(header, f"{name} failed: {e}")
-                )
+                self._fail(identity, dialect, message, request, f"{name} failed: {e}")
                 return
             except Exception:  # a bug must not take the listener down
                 log.exception("%s crashed", name)
-                self._reply(
-                    identity, header, self._failed(header, f"{name} internal error")
+                self._fail(
+                    identity, dialect, message, request, f"{name} internal error"
                 )
                 return
             assert self._nursery is not None
             if not self._inflight:
                 self._idle = trio.Event()
             self._inflight += 1
-            self._nursery.start_soon(self._data_plane, identity, header, request, job)
+            self._nursery.start_soon(
+                self._data_plane, identity, dialect, message, request, job
+            )
             return
         try:
             value = self._control_plane(request)
         except LmcdError as e:
-            value = self._failed(header, f"{name} failed: {e}")
+            self._fail(identity, dialect, message, request, f"{name} failed: {e}")
+            return
         except Exception:  # a bug must not take the listener down
             log.exception("%s crashed", name)
-            value = self._failed(header, f"{name} failed with an internal error")
-        self._reply(identity, header, value)
+            self._fail(identity, dialect, message, request, f"{name} internal error")
+            return
+        self.send([identity, *dialect.encode(message, request, value)])
 
-    def _reply(self, identity: bytes, header: Header, value: object) -> None:
-        self.send([identity, *encode_reply(header, value)])
+    def _fail(
+        self,
+        identity: bytes,
+        dialect: Dialect,
+        message: Message,
+        request: Request,
+        what: str,
+    ) -> None:
+        self.counters.failed_requests += 1
+        self._log_limit.warning("%s", what)
+        reply = dialect.failure(message, request)
+        if reply is not None:
+            self.send([identity, *reply])
 
     def _malformed(self, what: str) -> None:
         self.counters.malformed_messages += 1
         self._log_limit.warning("Malformed message: %s", what)
 
-    def _failed(self, header: Header, what: str) -> object:
-        self.counters.failed_requests += 1
-        self._log_limit.warning("%s", what)
-        assert header.type is not None
-        return failure_reply(header.type, header.payloads)
+    def _unsupported(self, dialect: Dialect, error: Unsupported) -> None:
+        self.counters.unsupported_requests += 1
+        key = f"{dialect.name}:{error.operation}"
+        if key not in self._unsupported_seen:
+            self._unsupported_seen.add(key)
+            log.warning(
+                "%s client asked for %s, which lmcd does not offer%s "
+                "(logged once; every one is counted)",
+                dialect.name,
+                error.operation,
+                "" if error.reply is None else "; refused",
+            )
 
     # -- control plane (inline) ----------------------------------------------
 
     def _control_plane(self, request: Request) -> object:
         if isinstance(request, Lookup):
-            hits = self.storage.lookup(request.keys, request.lock)
-            return [True] * hits + [False] * (len(request.keys) - hits)
+            return self.storage.lookup(request.keys, request.lock)
         if isinstance(request, Noop):
             return "OK"
         if isinstance(request, GetChunkSize):
@@ -183,22 +219,26 @@ class Handlers:
     async def _data_plane(
         self,
         identity: bytes,
-        header: Header,
+        dialect: Dialect,
+        message: Message,
         request: Request,
         job: StoreJob | RetrieveJob | None,
     ) -> None:
+        name = type(request).__name__
         try:
             value = await self._serve_data(request, job)
         except (TransferError, RegistrationError, ValueError) as e:
-            value = self._failed(header, f"{type(request).__name__} failed: {e}")
+            self._fail(identity, dialect, message, request, f"{name} failed: {e}")
+            return
         except Exception:  # a bug must not take the daemon down
-            log.exception("%s crashed", type(request).__name__)
-            value = self._failed(header, f"{type(request).__name__} internal error")
+            log.exception("%s crashed", name)
+            self._fail(identity, dialect, message, request, f"{name} internal error")
+            return
         finally:
             self._inflight -= 1
             if not self._inflight:
                 self._idle.set()
-        self._reply(identity, header, value)
+        self.send([identity, *dialect.encode(message, request, value)])
 
     async def _serve_data(
         self, request: Request, job: StoreJob | RetrieveJob | None
@@ -264,6 +304,11 @@ class Handlers:
             "requests_by_type": dict(self.counters.by_type),
             "failed_requests": self.counters.failed_requests,
             "malformed_messages": self.counters.malformed_messages,
+            "ambiguous_messages": self.counters.ambiguous_messages,
+            "unsupported_requests": self.counters.unsupported_requests,
+            "requests_by_dialect": dict(self.counters.by_dialect),
+            "connections_by_dialect": self.router.connections(),
+            "dialects": [d.name for d in self.router.dialects],
             "inflight_requests": self._inflight,
             "models": {
                 name: {"chunks": u.chunks, "bytes": u.bytes}

@@ -25,6 +25,7 @@ from lmcd.transfer import cuda, host
 from lmcd.transfer.layouts import KVLayout, chunk_block_ids
 from lmcd.wire.types import (
     CacheKey,
+    CopyResult,
     CudaTensorRef,
     HostTensorRef,
     RegisterKVCache,
@@ -234,21 +235,20 @@ class TransferScheduler:
             self._begin(instance)
         return StoreJob(instance, request, reservation, chunks, started)
 
-    async def run_store(self, job: StoreJob) -> list[object]:
-        """Copy an admitted STORE's chunks and commit them once copied;
-        returns the reply, `[event_handle, ok]`.
+    async def run_store(self, job: StoreJob) -> CopyResult:
+        """Copy an admitted STORE's chunks and commit them once copied.
 
         Raises `TransferError` when the copy fails (its chunks are dropped).
         """
         instance, request, reservation = job.instance, job.request, job.reservation
         if not job.chunks:
-            return [request.event_handle, reservation.ok]
+            return CopyResult(reservation.ok)
         try:
             if isinstance(instance.kv, host.HostKV):
                 await trio.to_thread.run_sync(
                     host.gather, instance.kv, job.chunks, limiter=self._limiter
                 )
-                reply: list[object] = [request.event_handle, reservation.ok]
+                reply = CopyResult(reservation.ok)
                 done = None
             else:
                 done, keep = await trio.to_thread.run_sync(
@@ -259,7 +259,7 @@ class TransferScheduler:
                     self.chunk_size,
                     limiter=self._limiter,
                 )
-                reply = [bytes(done.ipc_handle()), reservation.ok]
+                reply = CopyResult(reservation.ok, bytes(done.ipc_handle()))
         except BaseException as e:
             self.storage.abort(reservation)
             self._end(instance)
@@ -324,25 +324,24 @@ class TransferScheduler:
             self._begin(instance)
         return RetrieveJob(instance, request, pin, chunks, started)
 
-    async def run_retrieve(self, job: RetrieveJob) -> list[object]:
+    async def run_retrieve(self, job: RetrieveJob) -> CopyResult:
         """Copy an admitted RETRIEVE's chunks into their blocks, then unpin;
-        returns the reply, `[event_handle, found]` (true for the leading
-        chunks copied).
+        the result counts the leading chunks copied.
 
         Raises `TransferError` when the copy fails.
         """
         instance, request, pin = job.instance, job.request, job.pin
         n = len(job.chunks)
-        found = [True] * n + [False] * (len(request.keys) - n)
+        found = CopyResult(n == len(request.keys), None, n)
         if not n:
-            return [request.event_handle, found]
+            return found
         try:
             if isinstance(instance.kv, host.HostKV):
                 await trio.to_thread.run_sync(
                     host.scatter, instance.kv, job.chunks, limiter=self._limiter
                 )
                 done = None
-                reply: list[object] = [request.event_handle, found]
+                reply = found
             else:
                 done, keep = await trio.to_thread.run_sync(
                     cuda.retrieve,
@@ -352,7 +351,7 @@ class TransferScheduler:
                     self.chunk_size,
                     limiter=self._limiter,
                 )
-                reply = [bytes(done.ipc_handle()), found]
+                reply = CopyResult(found.ok, bytes(done.ipc_handle()), n)
         except BaseException as e:
             self.storage.unpin(pin, completed=False)
             self._end(instance)
