@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from lmcd.errors import ConfigError
-from lmcd.wire import lmcache03
+from lmcd.wire import lmcache03, lmcache05
 from lmcd.wire.dialect import Dialect
 
 AUTO = "auto"
 
 DIALECTS: dict[str, Dialect] = {
     lmcache03.NAME: lmcache03.DIALECT,
+    lmcache05.NAME: lmcache05.DIALECT,
 }
 
 

@@ -63,23 +63,39 @@ class TokenKey(CacheKey, frozen=True):
 
 @attrs.frozen
 class CudaTensorRef:
-    """A CUDA tensor shared by IPC (lmcache's pickled `CudaIPCWrapper`)."""
+    """A CUDA tensor shared by IPC (lmcache's pickled `CudaIPCWrapper`, or
+    an lmcache 0.5.6 `cuda` descriptor).
+
+    `handle` is torch's `_share_cuda_()` 8-tuple. `stride` (elements; None:
+    row-major contiguous) and `storage_offset` (elements into the shared
+    storage) are the view of the storage that the tensor is; lmcache 0.5.6
+    sends them, older pickles imply contiguous at offset 0.
+    """
 
     handle: tuple[object, ...]
     dtype: str
     shape: tuple[int, ...]
     device: int | None
     device_uuid: str | None
+    stride: tuple[int, ...] | None = None
+    storage_offset: int = 0
 
 
 @attrs.frozen
 class HostTensorRef:
-    """A tensor in a shared-memory file (lmcd's extension code 2)."""
+    """A tensor in a shared-memory file (lmcd's extension code 2, or an
+    lmcache 0.5 `cpu_shm` descriptor).
+
+    `path` is `/dev/shm/<name>`; `offset` is in bytes (for lmcache:
+    `storage_offset * itemsize`); `stride` is in elements, None meaning
+    row-major contiguous (the host path accepts only contiguous strides).
+    """
 
     path: str
     offset: int
     shape: tuple[int, ...]
     dtype: str
+    stride: tuple[int, ...] | None = None
 
 
 TensorRef: TypeAlias = CudaTensorRef | HostTensorRef
@@ -121,6 +137,25 @@ class EngineGroup:
     layer_indices: tuple[int, ...]
     tokens_per_block: int
     sliding_window_tokens: int | None = None
+    extra_tag: int = 0
+    """lmcache's `extra_object_group_tag`: 0 for a regular group, > 0 for
+    a connector-private extra group (e.g. CacheBlend's)."""
+    recurrent: bool = False
+    """The pages hold recurrent state (Mamba and the like), not attention KV."""
+
+
+@attrs.frozen
+class LayoutHints:
+    """How an engine lays out its KV tensors (lmcache's `LayoutHints`);
+    None where the engine gave no hint."""
+
+    kv_layout: str | None = None
+    """"NHD" (tokens before heads), "HND", "BLHNC" or "BLNHC"."""
+    num_kv_heads: int | None = None
+    tokens_per_block: int | None = None
+    kv_list_layout: str | None = None
+    """SGLang's outer list organisation: "k_v" or "unified"."""
+    head_dim: int | None = None
 
 
 @attrs.frozen
@@ -129,6 +164,9 @@ class RegisterKVCache:
 
     `refresh` (lmcache 0.5): registering a known instance again only
     refreshes it; otherwise (0.3) the old registration is replaced.
+    `groups` () means a single group of every layer (what lmcache makes of
+    an empty `engine_group_infos`); `engine` and `hints` are what lmcache
+    0.5 clients say about the tensors' layout.
     """
 
     instance_id: int
@@ -137,6 +175,9 @@ class RegisterKVCache:
     world_size: int | None = None
     groups: tuple[EngineGroup, ...] = ()
     refresh: bool = False
+    engine: str | None = None
+    """Which engine registers (lmcache 0.5: "vllm", "sglang", ...)."""
+    hints: LayoutHints = LayoutHints()
 
 
 @attrs.frozen

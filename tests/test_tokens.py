@@ -1,0 +1,147 @@
+"""lmcd's token hasher against lmcache's blake3 chain."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+from blake3 import blake3
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmcd.tokens import MAX_TOKEN_ID, NONE_HASH, HashChain, TokenHasher, pack_tokens
+
+# LMCACHE-DIALECTS.md §3.4: chunk 16, tokens 100..139.
+REFERENCE_NONE = "7e3eff9ef7613a50340eb12677ee03b83ac759fcba9bb32705f07248d56d473b"
+REFERENCE = [
+    "c5977d249eeb44e22fc51188438fb1c1e3189cd1178766ac6f9fa4f7aca7f23c",
+    "39b59311f24c163a729b931f65e436a4520d9be82fb0828f3a8535950b6c0f6f",
+]
+
+
+def _naive(
+    chunk_size: int, tokens: list[int], start: int, end: int | None
+) -> list[bytes]:
+    """lmcache's definition, written out plainly."""
+    limit = len(tokens) if end is None else min(len(tokens), end)
+    full = limit - limit % chunk_size
+    h, out = NONE_HASH, []
+    for i in range(0, full, chunk_size):
+        chunk = tokens[i : i + chunk_size]
+        h = blake3(h + struct.pack(f">{len(chunk)}I", *chunk)).digest()
+        if i >= start:
+            out.append(h)
+    return out
+
+
+def test_reference_vector() -> None:
+    assert NONE_HASH.hex() == REFERENCE_NONE
+    assert blake3(bytes(8) + bytes(4)).digest() == NONE_HASH
+    hashes = TokenHasher(16).chunk_hashes(list(range(100, 140)))
+    assert [h.hex() for h in hashes] == REFERENCE
+    assert TokenHasher(16).chunk_hashes(tuple(range(100, 140)), start=16) == [
+        bytes.fromhex(REFERENCE[1])
+    ]
+    chain = HashChain(TokenHasher(16))
+    assert [h.hex() for h in chain.hashes(range(100, 140))] == REFERENCE
+
+
+def test_partial_chunks_and_ranges() -> None:
+    hasher = TokenHasher(4)
+    tokens = list(range(11))
+    assert len(hasher.chunk_hashes(tokens)) == 2  # 3 trailing tokens unnamed
+    assert hasher.chunk_hashes(tokens, end=7) == hasher.chunk_hashes(tokens)[:1]
+    assert hasher.chunk_hashes(tokens, start=1) == hasher.chunk_hashes(tokens)[1:]
+    assert hasher.chunk_hashes(tokens, start=4, end=4) == []
+    assert hasher.chunk_hashes([]) == []
+    with pytest.raises(ValueError, match="chunk_size"):
+        TokenHasher(0)
+
+
+@pytest.mark.parametrize("bad", [[-1], [MAX_TOKEN_ID + 1], [1, "2"], [1.5]])
+def test_bad_token_ids(bad: list[object]) -> None:
+    with pytest.raises(ValueError, match="token ids"):
+        pack_tokens(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="token ids"):
+        TokenHasher(1).chunk_hashes(bad)  # type: ignore[arg-type]
+
+
+def test_pack_is_big_endian_uint32() -> None:
+    assert pack_tokens([1, MAX_TOKEN_ID]) == b"\x00\x00\x00\x01\xff\xff\xff\xff"
+
+
+_tokens = st.lists(st.integers(0, MAX_TOKEN_ID), max_size=80)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 9),
+    _tokens,
+    st.integers(-3, 90),
+    st.none() | st.integers(-3, 90),
+)
+def test_chunk_hashes_match_the_definition(
+    chunk_size: int, tokens: list[int], start: int, end: int | None
+) -> None:
+    got = TokenHasher(chunk_size).chunk_hashes(tokens, start, end)
+    assert got == _naive(chunk_size, tokens, max(start, 0), end)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 6),
+    st.lists(
+        st.tuples(
+            st.lists(st.integers(0, 300), max_size=60),  # the sequence sent
+            st.integers(0, 60),  # start
+            st.none() | st.integers(0, 60),  # end
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_a_chain_always_names_chunks_as_from_scratch(
+    chunk_size: int, calls: list[tuple[list[int], int, int | None]]
+) -> None:
+    """Growing, shrinking and changed prompts under one session."""
+    hasher = TokenHasher(chunk_size)
+    chain = HashChain(hasher)
+    base: list[int] = []
+    for tail, start, end in calls:
+        # Mostly grow the previous sequence (a session's normal life), but
+        # let hypothesis also change or shorten it.
+        tokens = base + tail if len(tail) % 3 else tail
+        assert chain.hashes(tokens, start, end) == hasher.chunk_hashes(
+            tokens, start, end
+        )
+        base = tokens
+
+
+def test_a_chain_rehashes_from_the_first_changed_chunk() -> None:
+    hasher = TokenHasher(4)
+    chain = HashChain(hasher)
+    tokens = list(range(40))
+    chain.hashes(tokens)
+    assert chain.chunks == 10
+    changed = [*tokens[:21], 999, *tokens[22:]]
+    assert chain.hashes(changed) == hasher.chunk_hashes(changed)
+    assert chain.hashes(tokens[:8]) == hasher.chunk_hashes(tokens[:8])
+    assert chain.chunks == 10  # a shorter, agreeing call keeps the rest
+
+
+def test_same_names_as_lmcache() -> None:
+    """Against lmcache's own TokenHasher (only where lmcache 0.5 imports)."""
+    module = pytest.importorskip("lmcache.v1.multiprocess.token_hasher")
+    rng = random.Random(5)
+    for chunk_size in (1, 16, 256):
+        theirs = module.TokenHasher(chunk_size=chunk_size, hash_algorithm="blake3")
+        ours = TokenHasher(chunk_size)
+        assert theirs.none_hash == NONE_HASH
+        for _ in range(20):
+            tokens = [rng.randrange(0, 1 << 32) for _ in range(rng.randrange(0, 3000))]
+            end = rng.choice([None, rng.randrange(0, 3100)])
+            start = rng.randrange(0, 3000) // chunk_size * chunk_size
+            assert ours.chunk_hashes(tokens, start, end) == theirs.compute_chunk_hashes(
+                tokens, start=start, end=end
+            )
