@@ -45,13 +45,25 @@ def pack_tokens(token_ids: Sequence[int]) -> bytes:
     Raises `ValueError` for an id outside 0..2^32-1 (lmcache's server fails
     on those too) or a value that is not an int.
     """
-    try:
-        packed = array(_CODE, token_ids)
-    except (OverflowError, TypeError) as e:
-        raise ValueError(f"token ids must be ints in 0..{MAX_TOKEN_ID}: {e}") from e
+    packed = _uint32s(token_ids)
     if _SWAP:
         packed.byteswap()
     return packed.tobytes()
+
+
+def check_token_ids(token_ids: Sequence[int]) -> None:
+    """Raise `ValueError` unless every id is an int in 0..2^32-1.
+
+    A C loop: several times faster than per-item bounds in a msgspec type.
+    """
+    _uint32s(token_ids)
+
+
+def _uint32s(token_ids: Sequence[int]) -> array[int]:
+    try:
+        return array(_CODE, token_ids)
+    except (OverflowError, TypeError) as e:
+        raise ValueError(f"token ids must be ints in 0..{MAX_TOKEN_ID}: {e}") from e
 
 
 @attrs.frozen

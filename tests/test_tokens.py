@@ -10,7 +10,14 @@ from blake3 import blake3
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmcd.tokens import MAX_TOKEN_ID, NONE_HASH, HashChain, TokenHasher, pack_tokens
+from lmcd.tokens import (
+    MAX_TOKEN_ID,
+    NONE_HASH,
+    HashChain,
+    TokenHasher,
+    check_token_ids,
+    pack_tokens,
+)
 
 # LMCACHE-DIALECTS.md §3.4: chunk 16, tokens 100..139.
 REFERENCE_NONE = "7e3eff9ef7613a50340eb12677ee03b83ac759fcba9bb32705f07248d56d473b"
@@ -65,6 +72,9 @@ def test_bad_token_ids(bad: list[object]) -> None:
         pack_tokens(bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="token ids"):
         TokenHasher(1).chunk_hashes(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="token ids"):
+        check_token_ids(bad)  # type: ignore[arg-type]
+    check_token_ids([0, MAX_TOKEN_ID])
 
 
 def test_pack_is_big_endian_uint32() -> None:

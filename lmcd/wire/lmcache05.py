@@ -31,7 +31,7 @@ import attrs
 import msgspec
 
 from lmcd.errors import ProtocolError
-from lmcd.tokens import MAX_TOKEN_ID
+from lmcd.tokens import check_token_ids
 from lmcd.transfer.layouts import DTYPE_SIZES
 from lmcd.wire.descriptors import (
     UnsupportedDescriptor,
@@ -145,7 +145,6 @@ _BY_ID = {v: k for k, v in LEGACY_IDS.items()}
 
 # -- wire shapes ----------------------------------------------------------------
 
-_Token = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)]
 _Count = Annotated[int, msgspec.Meta(ge=0)]
 
 
@@ -159,7 +158,8 @@ class _Key(msgspec.Struct, forbid_unknown_fields=True):
     model_name: Annotated[str, msgspec.Meta(max_length=MAX_MODEL_NAME)]
     world_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_WORLD_SIZE)]
     worker_id: Annotated[int, msgspec.Meta(ge=0, lt=MAX_WORLD_SIZE)] | None
-    token_ids: Annotated[tuple[_Token, ...], msgspec.Meta(max_length=MAX_TOKENS)]
+    # Each id's range is checked by `check_token_ids` (faster than here).
+    token_ids: Annotated[tuple[int, ...], msgspec.Meta(max_length=MAX_TOKENS)]
     start: _Count
     end: _Count
     request_id: Annotated[str, msgspec.Meta(max_length=MAX_REQUEST_ID)]
@@ -303,6 +303,10 @@ def _span(data: bytes, *, empty_ok: bool = False) -> TokenSpan:
     range instead of an error (free_lookup_locks: lmcache's server ignores
     such a range)."""
     key = _key.decode(data)
+    try:
+        check_token_ids(key.token_ids)
+    except ValueError as e:
+        raise ProtocolError(f"bad token_ids: {e}") from e
     if key.worker_id is not None and key.worker_id >= key.world_size:
         raise ProtocolError(f"worker_id {key.worker_id} not in 0..world_size-1")
     start, end = key.start, key.end
