@@ -254,7 +254,6 @@ _Response = Literal[
     "count",  # int, or no frame while running
     "chunk_size",  # int
     "bool",
-    "ping",  # bool
     "str",
     "strs",  # list[str]
     "pool",  # RegisterEngineDrivenContextResponse
@@ -280,7 +279,8 @@ class _Refused:
     name: str
     payloads: int
     reply: Literal["none", "ack", "stream_end", "module_error"]
-    why: str
+    feature: str
+    """What the operation belongs to, for the log line."""
 
 
 def _frame_checks(op: _Op, payloads: Sequence[bytes]) -> None:
@@ -581,7 +581,7 @@ _OPS: dict[str, _Op] = {
         ),
         _Op("clear", (_S,), "none", lambda p: Clear(force=_bool.decode(p[0]))),
         _Op("get_chunk_size", (), "chunk_size", lambda p: GetChunkSize()),
-        _Op("ping", (_S,), "ping", lambda p: Ping(_ping_id(p[0]))),
+        _Op("ping", (_S,), "bool", lambda p: Ping(_ping_id(p[0]))),
         _Op("report_block_allocation", (_S, _S, RECORDS_FRAME), "none", _report),
         _Op("noop", (), "str", lambda p: Noop()),
         _Op("get_experimental", (), "strs", lambda p: Capabilities()),
@@ -596,15 +596,16 @@ def _ping_id(data: bytes) -> int | None:
     return value
 
 
-_Q = "lmcache's server answers it only with `--enable` of its Q-cache module"
-_CB = "lmcache's server answers it only as a blend engine"
-_P2P = "lmcd has no peers; a peer that gets no answer moves on"
+_Q = "the Q cache"
+_CB = "CacheBlend"
+_P2P = "P2P transfers between servers"
 
 UNSUPPORTED: dict[str, _Refused] = {
     r.name: r
     for r in (
-        # Q cache (an experimental module; advertised by get_experimental,
-        # which lmcd answers with no capabilities, so clients do not ask).
+        # Q cache: lmcache's server has handlers only with `--enable` of its
+        # experimental module, which get_experimental then advertises; lmcd
+        # advertises nothing, so clients do not ask.
         _Refused("register_q_cache", 7, "none", _Q),
         _Refused("unregister_q_cache", 1, "none", _Q),
         _Refused("store_q", 4, "none", _Q),
@@ -626,20 +627,10 @@ UNSUPPORTED: dict[str, _Refused] = {
         # A stream: `[uid, op]` without a frame ends it, and the client then
         # stops its subscription cleanly ("Event subscription ended"). Only
         # sent to servers that advertise `kv_event_stream`; lmcd does not.
-        _Refused(
-            "subscribe_kv_events",
-            4,
-            "stream_end",
-            "lmcd publishes no KV events; the stream ends at once",
-        ),
+        _Refused("subscribe_kv_events", 4, "stream_end", "KV event streams"),
         # lmcache's own plugin router answers an unknown method with this
         # typed failure, which the caller reads as an error at once.
-        _Refused(
-            "server_module_call",
-            1,
-            "module_error",
-            "lmcd loads no server modules; answered with success=False",
-        ),
+        _Refused("server_module_call", 1, "module_error", "server modules"),
     )
 }
 """Operations lmcd refuses, with the reply each gets (see `_Refused.reply`):
@@ -670,7 +661,7 @@ def _failure_value(response: _Response) -> object:
         return [b"", False]
     if response == "count":
         return 0
-    if response in ("bool", "ping"):
+    if response == "bool":
         return False
     if response == "str":
         return "ERROR"
@@ -692,7 +683,9 @@ def failure_reply(message: Message) -> list[bytes] | None:
     Typed failures: store/retrieve `[b"", False]` (empty handle: no device
     work to wait for), query/wait 0 (no hits), commit and ping False,
     get_experimental `[]`, noop "ERROR", a pool registration without a pool
-    (`shm_name` "", `pool_size` 0), prepare_store "nothing to write" (empty
+    (`shm_name` "", `pool_size` 0: the worker falls back to the pickle path,
+    whose commits lmcd refuses, so it runs uncached), prepare_store "nothing
+    to write" (empty
     slots: what lmcache's server answers when it cannot reserve room; the
     engine then skips the copy), prepare_retrieve `success` False. Operations
     whose response is None get the bare `[uid, op]`. get_chunk_size and
@@ -747,7 +740,9 @@ def decode_request(message: Message) -> Request:
                 f"{name} takes {refused.payloads} payloads, got {len(payloads)}",
                 None,
             )
-        raise Unsupported(name, _refused_reply(message, refused))
+        raise Unsupported(
+            f"{name} ({refused.feature})", _refused_reply(message, refused)
+        )
     op = _OPS[name]
     if len(payloads) != len(op.limits):
         raise PayloadError(
@@ -804,7 +799,7 @@ def _reply_value(name: str, response: _Response, result: object) -> object:
     elif response == "chunk_size":
         if _is_int(result):
             return result
-    elif response in ("bool", "ping"):
+    elif response == "bool":
         if isinstance(result, bool):
             return result
     elif response == "str":
