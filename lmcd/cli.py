@@ -74,6 +74,13 @@ def serve(
             "lmcache-0.3 or lmcache-0.5."
         ),
     ] = "auto",
+    worker_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds after which a silent heartbeat client (lmcache 0.4+) "
+            "is unregistered."
+        ),
+    ] = 120.0,
     log_level: Annotated[
         str, typer.Option(help="debug, info, warning or error.")
     ] = "info",
@@ -99,6 +106,7 @@ def serve(
             metrics_port=metrics_port,
             disable_lazy_alloc=disable_lazy_alloc,
             dialect=dialect,
+            worker_timeout=worker_timeout,
         )
     except ConfigError as e:
         raise _fail(str(e), 2) from None

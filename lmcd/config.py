@@ -29,6 +29,10 @@ class Config:
     metrics_port: int | None = None
     disable_lazy_alloc: bool = False
     dialect: str = "auto"
+    worker_timeout: float = 120.0
+    # A heartbeat client that never pinged is reaped only after this long
+    # (lmcache's registration grace).
+    registration_grace: float = 3600.0
 
     def __attrs_post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -49,6 +53,10 @@ class Config:
             raise ConfigError(f"--lock-ttl must be > 0 (got {self.lock_ttl})")
         if self.staging_mb < 1 or self.segment_mb < 1:
             raise ConfigError("--staging-mb and --segment-mb must be >= 1")
+        if not 0 < self.worker_timeout < float("inf"):
+            raise ConfigError(
+                f"--worker-timeout must be > 0 seconds (got {self.worker_timeout})"
+            )
         dialects_for(self.dialect)  # raises ConfigError for an unknown name
         if self.buffer_bytes < 4096:
             raise ConfigError("--cpu-buffer-size is smaller than one 4 KiB page")

@@ -27,8 +27,10 @@ from lmcd.config import Config
 from lmcd.errors import ConfigError
 from lmcd.handlers import Handlers
 from lmcd.listener import Listener
+from lmcd.lookups import LookupJobs, Sessions
 from lmcd.scheduler import TransferScheduler
 from lmcd.storage import StorageManager
+from lmcd.tokens import TokenHasher
 from lmcd.wire.detect import DialectRouter
 from lmcd.wire.registry import dialects_for
 from lmcd_backends.pinned_cpu import PinnedCpuTier
@@ -62,6 +64,8 @@ class Daemon:
             cfg.chunk_size,
             self.listener.send,
             DialectRouter(dialects_for(cfg.dialect)),
+            Sessions(TokenHasher(cfg.chunk_size), time.monotonic),
+            LookupJobs(time.monotonic),
             extra_stats=self._extra_stats,
         )
 
@@ -105,6 +109,7 @@ class Daemon:
                     await nursery.start(self.scheduler.run)
                     await nursery.start(self.handlers.run)
                     await nursery.start(self.listener.run)
+                    nursery.start_soon(self._reap_silent_workers)
                     if self.config.metrics_port is not None:
                         await self._start_metrics(nursery)
                     # Start-up objects (torch, modules) live for good: keep
@@ -131,6 +136,26 @@ class Daemon:
         finally:
             self.listener.close()
             log.info("lmcd stopped")
+
+    async def _reap_silent_workers(self) -> None:
+        """Close the registrations of heartbeat clients (lmcache 0.4+) that
+        went silent: a worker that died without unregistering must not hold
+        its shared memory and descriptors for ever (LMCache #3206)."""
+        cfg = self.config
+        period = min(10.0, cfg.worker_timeout / 4)
+        while True:
+            await trio.sleep(period)
+            now = time.monotonic()
+            for instance_id in self.scheduler.silent_instances(
+                now, cfg.worker_timeout, cfg.registration_grace
+            ):
+                log.warning(
+                    "Worker %d silent for over %.0f s; unregistering it",
+                    instance_id,
+                    cfg.worker_timeout,
+                )
+                self.handlers.counters.reaped_workers += 1
+                await self.scheduler.unregister(instance_id)
 
     async def _start_metrics(self, nursery: trio.Nursery) -> None:
         from lmcd import metrics

@@ -21,20 +21,32 @@ import trio
 
 from lmcd import __version__
 from lmcd.errors import LmcdError, ProtocolError, RegistrationError, TransferError
+from lmcd.lookups import LookupJobs, Sessions
 from lmcd.scheduler import RetrieveJob, StoreJob, TransferScheduler
 from lmcd.storage import StorageManager
 from lmcd.wire import Dialect, Message, Unsupported, parse
 from lmcd.wire.detect import Ambiguous, DialectRouter
 from lmcd.wire.types import (
+    Capabilities,
     Clear,
+    EndSession,
+    FreeLookupLocks,
     GetChunkSize,
     Lookup,
     Noop,
+    Ping,
+    QueryLookup,
     RegisterKVCache,
+    ReportBlockAllocation,
     Request,
     Retrieve,
+    RetrieveSpan,
+    StartLookup,
     Stats,
     Store,
+    StoreSpan,
+    TokenKey,
+    TokenSpan,
     UnregisterKVCache,
 )
 
@@ -50,6 +62,7 @@ class Counters:
     failed_requests: int = 0
     ambiguous_messages: int = 0
     unsupported_requests: int = 0
+    reaped_workers: int = 0
     by_type: dict[str, int] = attrs.field(factory=dict)
     by_dialect: dict[str, int] = attrs.field(factory=dict)
 
@@ -63,6 +76,8 @@ class Handlers:
     chunk_size: int
     send: Send
     router: DialectRouter
+    sessions: Sessions
+    jobs: LookupJobs
     started_at: float = attrs.field(factory=time.monotonic)
     counters: Counters = attrs.field(factory=Counters)
     extra_stats: Callable[[], dict[str, Any]] = lambda: {}
@@ -125,7 +140,7 @@ class Handlers:
             return
         name = type(request).__name__
         self.counters.by_type[name] = self.counters.by_type.get(name, 0) + 1
-        if isinstance(request, RegisterKVCache | UnregisterKVCache | Store | Retrieve):
+        if isinstance(request, _DATA_PLANE):
             # Copies are admitted here, in arrival order (validated, memory
             # reserved or pinned, counted in flight), before their task runs:
             # an UNREGISTER that arrives after a STORE then waits for it.
@@ -205,7 +220,113 @@ class Handlers:
             return None
         if isinstance(request, Stats):
             return self.stats()
+        if isinstance(request, StartLookup):
+            self._start_lookup(request.span)
+            return None
+        if isinstance(request, QueryLookup):
+            # Lookup jobs finish as they start (every tier answers from
+            # memory), so a wait never has anything to wait for.
+            return self.jobs.collect(request.request_id)
+        if isinstance(request, FreeLookupLocks):
+            self._free_lookup_locks(request.span)
+            return None
+        if isinstance(request, EndSession):
+            self.sessions.end(request.request_id)
+            return None
+        if isinstance(request, Ping):
+            if request.instance_id is not None:
+                self.scheduler.touch(request.instance_id)
+            return True
+        if isinstance(request, Capabilities):
+            return []
+        if isinstance(request, ReportBlockAllocation):
+            return None
         raise ProtocolError(f"no control-plane handler for {request!r}")
+
+    # -- token-addressed lookups (lmcache 0.4+) ----------------------------------
+
+    def _start_lookup(self, span: TokenSpan) -> None:
+        """Run the lookup job of `span.request_id`: how many leading chunks
+        of the prompt (up to `span.end`) every rank holds, each found object
+        read-locked `span.readers` times."""
+        job = self.jobs.start(span.request_id)
+        session = self.sessions.get(span.request_id)
+        if not self.scheduler.serves(span.model_name, span.world_size):
+            # lmcache answers 0 for a model no worker has registered.
+            job.hits = 0
+        else:
+            hashes = self.sessions.chunk_hashes(span)
+            keys = [
+                TokenKey(span.model_name, span.world_size, span.worker_id, h, span.salt)
+                for h in hashes
+            ]
+            job.hits = self.storage.lookup(keys, True, readers=span.readers)
+        session.lookup_hits = job.hits
+        session.lookup_span = span
+
+    def _free_lookup_locks(self, span: TokenSpan) -> None:
+        """Release the read locks the request's lookup took on the chunks of
+        `[span.start, span.end)` (`span.readers` each)."""
+        session = self.sessions.get(span.request_id)
+        if session.lookup_hits < 0:
+            self.jobs.collect(span.request_id)
+            if session.lookup_hits < 0:
+                return
+        size = self.chunk_size
+        first = span.start // size
+        last = min(session.lookup_hits, span.end // size)
+        if first >= last:
+            return
+        hashes = self.sessions.chunk_hashes(span)[first:last]
+        keys = [
+            TokenKey(span.model_name, span.world_size, span.worker_id, h, span.salt)
+            for h in hashes
+        ]
+        self.storage.release(keys, span.readers)
+
+    def _span_store(self, request: StoreSpan) -> Store:
+        """The chunk-addressed STORE of a token-addressed one: its chunks'
+        keys and block ids, chunks made only of null blocks left out."""
+        instance = self.scheduler.instance(request.instance_id)
+        span = request.span
+        if span.worker_id is None:
+            raise TransferError("store keys must name a worker (rank)")
+        keys = self.sessions.keys(span)
+        ids = _single_group(request.block_ids)
+        per = instance.blocks_per_chunk
+        if len(ids) < len(keys) * per:
+            raise TransferError(
+                f"{len(ids)} block ids for {len(keys)} chunks of {per} blocks"
+            )
+        kept: list[TokenKey] = []
+        blocks: list[int] = []
+        for i, key in enumerate(keys):
+            chunk = ids[i * per : (i + 1) * per]
+            if any(chunk):  # block 0 is the engine's null block
+                kept.append(key)
+                blocks.extend(chunk)
+        return Store(tuple(kept), request.instance_id, tuple(blocks), b"")
+
+    def _span_retrieve(self, request: RetrieveSpan) -> Retrieve:
+        """The chunk-addressed RETRIEVE of a token-addressed one."""
+        instance = self.scheduler.instance(request.instance_id)
+        span = request.span
+        if span.worker_id is None:
+            raise TransferError("retrieve keys must name a worker (rank)")
+        keys = self.sessions.keys(span)
+        ids = _single_group(request.block_ids)
+        per = instance.blocks_per_chunk
+        if len(ids) < len(keys) * per:
+            raise TransferError(
+                f"{len(ids)} block ids for {len(keys)} chunks of {per} blocks"
+            )
+        return Retrieve(
+            tuple(keys),
+            request.instance_id,
+            tuple(ids[: len(keys) * per]),
+            b"",
+            skip_tokens=request.skip_tokens,
+        )
 
     # -- data plane (one task each) ------------------------------------------
 
@@ -214,7 +335,29 @@ class Handlers:
             return self.scheduler.admit_store(request)
         if isinstance(request, Retrieve):
             return self.scheduler.admit_retrieve(request)
+        if isinstance(request, StoreSpan):
+            # lmcache 0.4+: all or nothing.
+            return self.scheduler.admit_store(
+                self._span_store(request), all_or_nothing=True
+            )
+        if isinstance(request, RetrieveSpan):
+            try:
+                return self.scheduler.admit_retrieve(self._span_retrieve(request))
+            except LmcdError:
+                self._release_span(request)
+                raise
         return None
+
+    def _release_span(self, request: RetrieveSpan, done: int = 0) -> None:
+        """A token-addressed RETRIEVE that did not copy every chunk still
+        gives up its read lock on the chunks it did not copy (as lmcache's
+        server does), so that a failed retrieve leaks no lock until TTL."""
+        span = request.span
+        if span.worker_id is None:
+            return
+        keys = self.sessions.keys(span)[done:]
+        if keys:
+            self.storage.release(keys, 1)
 
     async def _data_plane(
         self,
@@ -246,10 +389,21 @@ class Handlers:
         if isinstance(job, StoreJob):
             return await self.scheduler.run_store(job)
         if isinstance(job, RetrieveJob):
-            return await self.scheduler.run_retrieve(job)
+            if not isinstance(request, RetrieveSpan):
+                return await self.scheduler.run_retrieve(job)
+            found = 0
+            try:
+                result = await self.scheduler.run_retrieve(job)
+                found = result.found
+            finally:
+                self._release_span(request, found)
+            return result
         if isinstance(request, RegisterKVCache):
             # The protocol has no error channel for REGISTER: a failure is
             # logged and counted, and the client still gets its (empty) reply.
+            if request.refresh and self.scheduler.touch(request.instance_id):
+                # lmcache 0.5: registering a known instance only refreshes it.
+                return None
             try:
                 await self.scheduler.register(request)
             except RegistrationError as e:
@@ -306,10 +460,13 @@ class Handlers:
             "malformed_messages": self.counters.malformed_messages,
             "ambiguous_messages": self.counters.ambiguous_messages,
             "unsupported_requests": self.counters.unsupported_requests,
+            "reaped_workers": self.counters.reaped_workers,
             "requests_by_dialect": dict(self.counters.by_dialect),
             "connections_by_dialect": self.router.connections(),
             "dialects": [d.name for d in self.router.dialects],
             "inflight_requests": self._inflight,
+            "sessions": attrs.asdict(self.sessions.statistics()),
+            "lookup_jobs": attrs.asdict(self.jobs.statistics()),
             "models": {
                 name: {"chunks": u.chunks, "bytes": u.bytes}
                 for name, u in s.models.items()
@@ -317,6 +474,27 @@ class Handlers:
             "instances": [i.describe() for i in self.scheduler.instances()],
             **self.extra_stats(),
         }
+
+
+_DATA_PLANE = (
+    RegisterKVCache,
+    UnregisterKVCache,
+    Store,
+    Retrieve,
+    StoreSpan,
+    RetrieveSpan,
+)
+
+
+def _single_group(block_ids: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
+    # Registration refuses engines with several KV-cache groups, so a
+    # request for a registered instance names exactly one.
+    if len(block_ids) != 1:
+        raise TransferError(
+            f"block ids for {len(block_ids)} KV-cache groups; lmcd serves "
+            "engines with one group"
+        )
+    return block_ids[0]
 
 
 @attrs.define(slots=True)

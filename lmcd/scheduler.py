@@ -48,6 +48,13 @@ class Instance:
     kind: Literal["cuda", "host"]
     kv: host.HostKV | cuda.CudaKV
     blocks_per_chunk: int
+    model_name: str | None = None
+    world_size: int | None = None
+    # Heartbeat-era clients (lmcache 0.4+) ping; one that goes silent is
+    # reaped. `pinged`: it has pinged at least once (lmcache's reap rule).
+    heartbeat: bool = False
+    pinged: bool = False
+    last_seen: float = attrs.field(factory=time.monotonic)
     inflight: int = 0
     closing: bool = False
     idle: trio.Event = attrs.field(factory=trio.Event)
@@ -61,6 +68,8 @@ class Instance:
         return {
             "instance_id": self.instance_id,
             "kind": self.kind,
+            "model_name": self.model_name,
+            "world_size": self.world_size,
             "layout": layout.kind,
             "layers": layout.num_layers,
             "dtype": layout.dtype,
@@ -160,7 +169,21 @@ class TransferScheduler:
         except RegistrationError:
             kv.close()
             raise
-        instance = Instance(request.instance_id, kind, kv, blocks)
+        if len(request.groups) > 1:
+            kv.close()
+            raise RegistrationError(
+                f"{len(request.groups)} KV-cache groups; lmcd serves engines "
+                "whose layers form one group (standard attention models)"
+            )
+        instance = Instance(
+            request.instance_id,
+            kind,
+            kv,
+            blocks,
+            model_name=request.model_name,
+            world_size=request.world_size,
+            heartbeat=request.refresh,
+        )
         self._instances[request.instance_id] = instance
         log.info(
             "Registered KV cache for GPU ID %d with %d layers",
@@ -185,11 +208,41 @@ class TransferScheduler:
         log.info("Unregistered KV cache for GPU ID %d", instance_id)
         return True
 
-    def _instance(self, instance_id: int) -> Instance:
+    def instance(self, instance_id: int) -> Instance:
+        """The registered instance (its last activity refreshed). Raises
+        `TransferError` for an unknown or closing one."""
         instance = self._instances.get(instance_id)
         if instance is None or instance.closing:
             raise TransferError(f"no KV cache registered for GPU ID {instance_id}")
+        instance.last_seen = time.monotonic()
         return instance
+
+    def touch(self, instance_id: int) -> bool:
+        """A heartbeat from `instance_id`; False if it is not registered."""
+        instance = self._instances.get(instance_id)
+        if instance is None or instance.closing:
+            return False
+        instance.last_seen = time.monotonic()
+        instance.pinged = True
+        return True
+
+    def serves(self, model_name: str, world_size: int) -> bool:
+        """Whether some registered engine runs this model at this world size."""
+        return any(
+            i.model_name == model_name and i.world_size == world_size
+            for i in self._instances.values()
+        )
+
+    def silent_instances(self, now: float, timeout: float, grace: float) -> list[int]:
+        """Heartbeat clients silent for longer than `timeout` (after their
+        first ping) or `grace` (never pinged): the ones to reap."""
+        return [
+            i.instance_id
+            for i in self._instances.values()
+            if i.heartbeat
+            and not i.closing
+            and now - i.last_seen > (timeout if i.pinged else grace)
+        ]
 
     def _plan(
         self, instance: Instance, keys: Sequence[CacheKey], block_ids: Sequence[int]
@@ -212,21 +265,28 @@ class TransferScheduler:
 
     # -- store ---------------------------------------------------------------
 
-    def admit_store(self, request: Store) -> StoreJob:
+    def admit_store(self, request: Store, all_or_nothing: bool = False) -> StoreJob:
         """Admit a STORE in arrival order (synchronously, on the Trio thread):
         validate it, reserve its chunks and count it in flight, so that an
-        UNREGISTER that arrives after it waits for it.
+        UNREGISTER that arrives after it waits for it. `all_or_nothing`: a
+        STORE that cannot reserve every chunk reserves none.
 
-        Raises `TransferError` for an unknown instance or bad block ids, and
-        `ValueError` for a chunk that can never fit the buffer.
+        Raises `TransferError` for an unknown instance, bad block ids or (all
+        or nothing) a full buffer, and `ValueError` for a chunk that can
+        never fit the buffer.
         """
         started = time.perf_counter()
-        instance = self._instance(request.instance_id)
+        instance = self.instance(request.instance_id)
         plan = self._plan(instance, request.keys, request.block_ids)
         layout = instance.layout
         reservation = self.storage.reserve(
             request.keys, layout.chunk_bytes(self.chunk_size), layout.tag
         )
+        if all_or_nothing and not reservation.ok:
+            self.storage.abort(reservation)
+            raise TransferError(
+                f"no room for {reservation.refused} of {len(request.keys)} chunks"
+            )
         chunks = [
             (plan[i], self.storage.buffer(entry))
             for i, entry in zip(reservation.indices, reservation.entries, strict=True)
@@ -313,7 +373,7 @@ class TransferScheduler:
         Raises `TransferError` for an unknown instance or bad block ids.
         """
         started = time.perf_counter()
-        instance = self._instance(request.instance_id)
+        instance = self.instance(request.instance_id)
         plan = self._plan(instance, request.keys, request.block_ids)
         layout = instance.layout
         pin = self.storage.pin(

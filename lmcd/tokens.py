@@ -1,4 +1,4 @@
-"""lmcache's token-hash chain: the names of token-addressed chunks.
+"""lmcache's token-hash chain (dialects 0.4 and later name chunks by it).
 
 Since lmcache 0.3.14 a client names a KV chunk by its tokens, not by a hash
 of its own: the server cuts the prompt into chunks of `chunk_size` tokens
@@ -6,18 +6,18 @@ and names chunk `i` by
 
     h(i) = blake3(h(i-1) || tokens of chunk i as big-endian uint32)
 
-with `h(-1) = NONE_HASH = blake3(8 zero bytes || 4 zero bytes)` (lmcache's
-`TokenHasher` with its default blake3 algorithm; the zeros are the int
-prefix 0 and the one-token tuple `(0,)` it seeds the chain with). Only
-full chunks are named; a trailing partial chunk has no hash. lmcd must
-compute exactly the same names, or chunks stored through lmcache's own
-server, or by another lmcd, would never be found.
+with `h(-1) = NONE_HASH = blake3(int64be(0) || uint32be(0))` (lmcache 0.5.6
+`v1/multiprocess/token_hasher.py` with its default blake3: the zeros are
+the int prefix 0 and the one-token tuple `(0,)` it seeds the chain with).
+Only full chunks are named. Sharing keys with other lmcache-speaking
+servers needs exactly this chain.
 
 Pure computation: no trio, zmq or torch.
 """
 
 from __future__ import annotations
 
+import struct
 import sys
 from array import array
 from collections.abc import Sequence
@@ -28,7 +28,7 @@ from blake3 import blake3
 MAX_TOKEN_ID = (1 << 32) - 1
 """Token ids are packed as uint32 (lmcache's `struct.pack(">I")`)."""
 
-NONE_HASH = blake3(bytes(12)).digest()
+NONE_HASH = blake3(struct.pack(">qI", 0, 0)).digest()
 """The hash that precedes the first chunk."""
 
 _TOKEN_BYTES = 4
@@ -66,12 +66,13 @@ def _uint32s(token_ids: Sequence[int]) -> array[int]:
         raise ValueError(f"token ids must be ints in 0..{MAX_TOKEN_ID}: {e}") from e
 
 
-@attrs.frozen
+@attrs.define(slots=True)
 class TokenHasher:
-    """lmcache's chunk hash chain for one chunk size.
+    """The chain for one chunk size.
 
-    `chunk_hashes` is the whole computation; `chain` and `HashChain` let a
-    session continue from the hashes it already has.
+    `chain` hashes one chunk; `extend` continues a chain over many chunks
+    at once (a session that already knows a prefix hash); `chunk_hashes` is
+    the whole computation, lmcache's `compute_chunk_hashes`.
     """
 
     chunk_size: int = attrs.field()
@@ -81,30 +82,30 @@ class TokenHasher:
         if value < 1:
             raise ValueError(f"chunk_size must be at least 1 (got {value})")
 
-    def chunk_hashes(
-        self, token_ids: Sequence[int], start: int = 0, end: int | None = None
-    ) -> list[bytes]:
-        """The hashes of the full chunks of `token_ids[:end]` that start at
-        or after token `start` (lmcache's `compute_chunk_hashes`).
+    def chain(self, prefix: bytes | None, tokens: Sequence[int]) -> bytes:
+        """The hash of one chunk of `tokens` after the chunk hashed `prefix`
+        (None: the first chunk). Raises `struct.error` for a token id
+        outside 0..2**32-1."""
+        h = blake3(NONE_HASH if prefix is None else prefix)
+        h.update(struct.pack(f">{len(tokens)}I", *tokens))
+        return h.digest()
 
-        The chain always runs from token 0; `start` only drops the leading
-        hashes from the result. Raises `ValueError` for a bad token id.
-        """
-        limit = len(token_ids) if end is None else max(0, min(len(token_ids), end))
-        full = limit - limit % self.chunk_size
-        hashes = self.chain(NONE_HASH, pack_tokens(token_ids[:full]))
-        first = -(-max(start, 0) // self.chunk_size)  # chunks starting >= start
-        return hashes[first:]
+    def extend(self, prefix: bytes | None, tokens: Sequence[int]) -> list[bytes]:
+        """The hashes of the full chunks of `tokens`, in order, continuing
+        the chain after the chunk hashed `prefix` (None: from the prompt's
+        start); a trailing partial chunk is ignored. Packs all tokens in one
+        C call, so it is much faster than `chain` per chunk. Raises
+        `ValueError` for a bad token id."""
+        full = len(tokens) - len(tokens) % self.chunk_size
+        return self.extend_packed(prefix, pack_tokens(tokens[:full]))
 
-    def chain(self, prefix_hash: bytes, packed: bytes | memoryview) -> list[bytes]:
-        """Continue the chain after `prefix_hash` over `packed` (tokens as
-        `pack_tokens` gives them): one hash per full chunk, in order; a
-        trailing partial chunk is ignored."""
+    def extend_packed(self, prefix: bytes | None, packed: bytes) -> list[bytes]:
+        """`extend` over tokens already packed by `pack_tokens`."""
         step = self.chunk_size * _TOKEN_BYTES
         view = memoryview(packed)
         out: list[bytes] = []
         append = out.append
-        h = prefix_hash
+        h = NONE_HASH if prefix is None else prefix
         for offset in range(0, len(view) - step + 1, step):
             hasher = blake3(h)
             hasher.update(view[offset : offset + step])
@@ -112,62 +113,13 @@ class TokenHasher:
             append(h)
         return out
 
-
-@attrs.define(slots=True)
-class HashChain:
-    """The chain of one growing token sequence (one request's session).
-
-    Each call names the chunks of the sequence as `TokenHasher.chunk_hashes`
-    would, but hashes only chunks it has not hashed before. Every call still
-    checks that the tokens of the chunks it remembers are unchanged (a
-    client may send a different prompt under the same request id); from the
-    first chunk that differs it hashes again, so a stale name is never
-    returned.
-    """
-
-    hasher: TokenHasher
-    _packed: bytearray = attrs.field(factory=bytearray, init=False)
-    _hashes: list[bytes] = attrs.field(factory=list, init=False)
-
-    @property
-    def chunks(self) -> int:
-        """How many leading chunks are hashed and remembered."""
-        return len(self._hashes)
-
-    def hashes(
+    def chunk_hashes(
         self, token_ids: Sequence[int], start: int = 0, end: int | None = None
     ) -> list[bytes]:
-        """The hashes of the full chunks of `token_ids[:end]` that start at
-        or after token `start`; remembers every chunk hashed on the way.
+        """The hashes of the full chunks of `token_ids[:end]` whose first
+        token is at or after `start` (the chain always runs from token 0).
         Raises `ValueError` for a bad token id."""
-        size = self.hasher.chunk_size
-        limit = len(token_ids) if end is None else max(0, min(len(token_ids), end))
-        full = limit - limit % size
-        packed = pack_tokens(token_ids[:full])
-        known = self._matching_chunks(packed)
-        if known < len(self._hashes):
-            del self._hashes[known:]
-            del self._packed[known * size * _TOKEN_BYTES :]
-        have = len(self._packed)
-        if have < len(packed):
-            prefix = self._hashes[-1] if self._hashes else NONE_HASH
-            self._hashes.extend(self.hasher.chain(prefix, memoryview(packed)[have:]))
-            self._packed += memoryview(packed)[have:]
-        first = -(-max(start, 0) // size)
-        return self._hashes[first : full // size]
-
-    def _matching_chunks(self, packed: bytes) -> int:
-        """How many remembered chunks `packed` still starts with."""
-        mine = self._packed
-        # startswith compares with memcmp; the common case is a match.
-        if packed.startswith(mine) or mine.startswith(packed):
-            # A shorter sequence that agrees keeps the longer chain too.
-            return len(self._hashes)
-        step = self.hasher.chunk_size * _TOKEN_BYTES
-        chunk = 0
-        while (
-            mine[chunk * step : (chunk + 1) * step]
-            == packed[chunk * step : (chunk + 1) * step]
-        ):
-            chunk += 1
-        return chunk
+        stop = len(token_ids) if end is None else max(0, min(len(token_ids), end))
+        hashes = self.extend(None, token_ids[:stop])
+        first = -(-max(start, 0) // self.chunk_size)  # chunks starting >= start
+        return hashes[first:]

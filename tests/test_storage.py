@@ -360,3 +360,16 @@ StorageMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None
 )
 test_storage_machine = StorageMachine.TestCase
+
+
+def test_lookup_takes_one_lock_per_reader_and_release_gives_them_back() -> None:
+    storage, _, _ = manager()
+    keys = [key(i) for i in range(3)]
+    store(storage, keys)
+    assert storage.lookup(keys, True, readers=3) == 3
+    assert storage.statistics().locked_chunks == 3
+    assert storage.release(keys[:2], 2) == 4
+    assert storage.statistics().locked_chunks == 3
+    assert storage.release(keys, 5) == 5  # 1 + 1 + 3
+    assert storage.statistics().locked_chunks == 0
+    assert storage.release(keys, 1) == 0

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from lmcd.tokens import (
     MAX_TOKEN_ID,
     NONE_HASH,
-    HashChain,
     TokenHasher,
     check_token_ids,
     pack_tokens,
@@ -51,8 +50,10 @@ def test_reference_vector() -> None:
     assert TokenHasher(16).chunk_hashes(tuple(range(100, 140)), start=16) == [
         bytes.fromhex(REFERENCE[1])
     ]
-    chain = HashChain(TokenHasher(16))
-    assert [h.hex() for h in chain.hashes(range(100, 140))] == REFERENCE
+    hasher = TokenHasher(16)
+    first = hasher.chain(None, range(100, 116))
+    assert [first.hex(), hasher.chain(first, range(116, 132)).hex()] == REFERENCE
+    assert [h.hex() for h in hasher.extend(None, range(100, 140))] == REFERENCE
 
 
 def test_partial_chunks_and_ranges() -> None:
@@ -100,45 +101,26 @@ def test_chunk_hashes_match_the_definition(
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    st.integers(1, 6),
-    st.lists(
-        st.tuples(
-            st.lists(st.integers(0, 300), max_size=60),  # the sequence sent
-            st.integers(0, 60),  # start
-            st.none() | st.integers(0, 60),  # end
-        ),
-        min_size=1,
-        max_size=8,
-    ),
-)
-def test_a_chain_always_names_chunks_as_from_scratch(
-    chunk_size: int, calls: list[tuple[list[int], int, int | None]]
+@given(st.integers(1, 6), _tokens, st.integers(0, 80))
+def test_extend_continues_a_chain_from_a_known_prefix(
+    chunk_size: int, tokens: list[int], cut: int
 ) -> None:
-    """Growing, shrinking and changed prompts under one session."""
+    """What a session does: hash a prefix once, later continue from its
+    last hash; the names are those of hashing from scratch."""
     hasher = TokenHasher(chunk_size)
-    chain = HashChain(hasher)
-    base: list[int] = []
-    for tail, start, end in calls:
-        # Mostly grow the previous sequence (a session's normal life), but
-        # let hypothesis also change or shorten it.
-        tokens = base + tail if len(tail) % 3 else tail
-        assert chain.hashes(tokens, start, end) == hasher.chunk_hashes(
-            tokens, start, end
+    cut -= cut % chunk_size
+    known = hasher.extend(None, tokens[:cut])
+    prefix = known[-1] if known else None
+    rest = hasher.extend(prefix, tokens[len(known) * chunk_size :])
+    assert known + rest == hasher.chunk_hashes(tokens)
+    one_by_one: list[bytes] = []
+    for i in range(0, len(tokens) - chunk_size + 1, chunk_size):
+        one_by_one.append(
+            hasher.chain(
+                one_by_one[-1] if one_by_one else None, tokens[i : i + chunk_size]
+            )
         )
-        base = tokens
-
-
-def test_a_chain_rehashes_from_the_first_changed_chunk() -> None:
-    hasher = TokenHasher(4)
-    chain = HashChain(hasher)
-    tokens = list(range(40))
-    chain.hashes(tokens)
-    assert chain.chunks == 10
-    changed = [*tokens[:21], 999, *tokens[22:]]
-    assert chain.hashes(changed) == hasher.chunk_hashes(changed)
-    assert chain.hashes(tokens[:8]) == hasher.chunk_hashes(tokens[:8])
-    assert chain.chunks == 10  # a shorter, agreeing call keeps the rest
+    assert one_by_one == known + rest
 
 
 def test_same_names_as_lmcache() -> None:

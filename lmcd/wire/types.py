@@ -198,12 +198,15 @@ class Store:
 
 @attrs.frozen
 class Retrieve:
-    """Copy the leading present chunks of `keys` into an engine's blocks."""
+    """Copy the leading present chunks of `keys` into an engine's blocks;
+    the first `skip_tokens` tokens are already in the engine and are not
+    written."""
 
     keys: tuple[CacheKey, ...]
     instance_id: int
     block_ids: tuple[int, ...]
     event_handle: bytes
+    skip_tokens: int = 0
 
 
 @attrs.frozen
