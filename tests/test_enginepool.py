@@ -533,6 +533,47 @@ async def test_unregister_waits_for_a_running_copy(
     worker.close()
 
 
+async def test_a_transfer_being_copied_cannot_be_committed_or_replaced(
+    pools: EnginePools, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered, release = threading.Event(), threading.Event()
+    real = enginepool.write_slots
+
+    def slow_write(fd: int, copies: Any) -> None:
+        entered.set()
+        release.wait(10)
+        real(fd, copies)
+
+    monkeypatch.setattr(enginepool, "write_slots", slow_write)
+    worker = await register(pools)
+    chunks = random_chunks(2, (2, LAYERS, CHUNK, HIDDEN))
+    await store(pools, worker, span(2), chunks)
+    s = span(2)
+    job = pools.admit(PrepareRetrieve(s, worker.instance_id))
+    got: list[object] = []
+
+    async def prepare() -> None:
+        got.append(await pools.run(job))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(prepare)
+            await trio.to_thread.run_sync(entered.wait)
+            with pytest.raises(TransferError, match="before its prepare_retrieve"):
+                pools.commit_retrieve(CommitRetrieve(s, worker.instance_id))
+            with pytest.raises(TransferError, match="being copied"):
+                pools.admit(PrepareRetrieve(s, worker.instance_id))
+            assert pools.storage.statistics().pinned_chunks == 2
+            release.set()
+    prepared = got[0]
+    assert isinstance(prepared, PreparedSlots)
+    views = worker.slots(prepared)
+    assert all(torch.equal(a, b) for a, b in zip(views, chunks, strict=True))
+    assert pools.commit_retrieve(CommitRetrieve(s, worker.instance_id))
+    assert pools.storage.statistics().pinned_chunks == 0
+    worker.close()
+
+
 async def test_a_truncated_pool_fails_the_copy_not_the_daemon(
     pools: EnginePools,
 ) -> None:
@@ -637,6 +678,38 @@ def test_a_full_tmpfs_is_a_failed_registration(tmp_path: Any) -> None:
     with pytest.raises(RegistrationError, match="pool-size"):
         create_pool_file(too_big)
     assert set(os.listdir(SHM_ROOT)) == before
+
+
+def test_a_squatted_name_is_skipped_not_taken_over(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = str(tmp_path)
+    monkeypatch.setattr(enginepool, "_names", itertools.count(5))
+    squatter = f"{root}/lmcd-pool-{os.getpid()}-5"
+    with open(squatter, "wb") as f:
+        f.write(b"not yours")
+    name, fd = create_pool_file(4096, root=root)
+    try:
+        assert name == f"lmcd-pool-{os.getpid()}-6"
+        with open(squatter, "rb") as f:
+            assert f.read() == b"not yours"
+    finally:
+        os.close(fd)
+        enginepool._live_names.discard(name)
+
+
+async def test_a_replaced_pool_file_is_not_removed(pools: EnginePools) -> None:
+    worker = await register(pools)
+    worker.close()
+    path = f"{SHM_ROOT}/{worker.info.shm_name}"
+    os.unlink(path)  # the worker's uid may replace the name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
+    try:
+        await pools.unregister(worker.instance_id)
+        assert exists(path)
+    finally:
+        os.unlink(path)
 
 
 def _dead_pid() -> int:
