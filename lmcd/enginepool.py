@@ -87,6 +87,10 @@ DEFAULT_POOL_BYTES = 1024 * MiB
 # A prepared transfer the worker never commits is freed after this long
 # (lmcache's workers wait up to 300 s for any reply).
 DEFAULT_PREPARE_TTL = 300.0
+# Registrations are cheap to send and each commits a whole pool of /dev/shm:
+# a bound keeps a flood of them from filling it (a worker each, so this is
+# generous).
+DEFAULT_MAX_POOLS = 64
 
 POOL_PREFIX = "lmcd-pool-"
 _POOL_NAME = re.compile(r"lmcd-pool-(\d+)-(\d+)")
@@ -372,7 +376,8 @@ class EnginePools:
     """Engine-driven workers, their pools and prepared transfers.
 
     `pool_bytes` is each instance's pool size (0: engine-driven transfers
-    are refused); `clock` stamps liveness and prepare deadlines.
+    are refused), `max_pools` how many instances may hold one at once;
+    `clock` stamps liveness and prepare deadlines.
     """
 
     storage: StorageManager
@@ -382,6 +387,7 @@ class EnginePools:
     max_workers: int = 1
     clock: Callable[[], float] = time.monotonic
     ttl: float = DEFAULT_PREPARE_TTL
+    max_pools: int = DEFAULT_MAX_POOLS
     counters: PoolCounters = attrs.field(factory=PoolCounters)
     _instances: dict[int, PoolInstance] = attrs.field(factory=dict, init=False)
     # Uncommitted, not busy prepares in order of deadline (the TTL is
@@ -549,6 +555,11 @@ class EnginePools:
                 "with lmcache.mp.mp_transfer_mode=lmcache_driven"
             )
         layout, shape = self._layout(request)
+        if len(self._instances) >= self.max_pools:
+            raise RegistrationError(
+                f"{len(self._instances)} engine-driven workers hold pools already "
+                f"(at most {self.max_pools})"
+            )
         instance = PoolInstance(
             request.instance_id,
             request.model_name,

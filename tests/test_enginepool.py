@@ -637,6 +637,13 @@ async def test_registration_checks(pools: EnginePools) -> None:
     off = make_pools(pool_bytes=0)
     with pytest.raises(RegistrationError, match="pool-size 0"):
         off.admit(register_request())
+    few = make_pools()
+    few.max_pools = 1
+    first = await register(few)
+    with pytest.raises(RegistrationError, match="at most 1"):
+        few.admit(register_request())
+    first.close()
+    few.close()
     # Registering a known instance refreshes it; no second pool.
     worker = await register(pools)
     before = set(os.listdir(SHM_ROOT))
@@ -741,6 +748,7 @@ def test_stale_pools_of_dead_daemons_are_removed_and_nothing_else(
     os.symlink(stale, f"{root}/lmcd-pool-{dead}-3")
     unrelated = touch(f"lmcd-kv-{dead}-0")
     name, fd = create_pool_file(4096, root=root)  # live, ours
+    fcntl.flock(fd, fcntl.LOCK_UN)  # only the live-name set protects it now
     try:
         removed = remove_stale_pools(root)
         assert sorted(removed) == sorted(
