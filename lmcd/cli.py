@@ -81,6 +81,13 @@ def serve(
             "is unregistered."
         ),
     ] = 120.0,
+    pool_size: Annotated[
+        int,
+        typer.Option(
+            help="Shared-memory pool of each engine-driven worker (lmcache 0.4.7+ "
+            "CPU workers), in MiB, fully backed in /dev/shm; 0 refuses that mode."
+        ),
+    ] = 1024,
     log_level: Annotated[
         str, typer.Option(help="debug, info, warning or error.")
     ] = "info",
@@ -107,6 +114,7 @@ def serve(
             disable_lazy_alloc=disable_lazy_alloc,
             dialect=dialect,
             worker_timeout=worker_timeout,
+            pool_mb=pool_size,
         )
     except ConfigError as e:
         raise _fail(str(e), 2) from None

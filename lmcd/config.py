@@ -33,6 +33,8 @@ class Config:
     # A heartbeat client that never pinged is reaped only after this long
     # (lmcache's registration grace).
     registration_grace: float = 3600.0
+    # Each engine-driven worker's shared-memory pool (MiB); 0 refuses that mode.
+    pool_mb: int = 1024
 
     def __attrs_post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -57,6 +59,10 @@ class Config:
             raise ConfigError(
                 f"--worker-timeout must be > 0 seconds (got {self.worker_timeout})"
             )
+        if not 0 <= self.pool_mb <= 1 << 20:
+            raise ConfigError(
+                f"--pool-size must be 0..{1 << 20} MiB (got {self.pool_mb})"
+            )
         dialects_for(self.dialect)  # raises ConfigError for an unknown name
         if self.buffer_bytes < 4096:
             raise ConfigError("--cpu-buffer-size is smaller than one 4 KiB page")
@@ -64,6 +70,10 @@ class Config:
     @property
     def buffer_bytes(self) -> int:
         return int(self.cpu_buffer_size * GiB)
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.pool_mb * MiB
 
     @property
     def staging_bytes(self) -> int:

@@ -20,6 +20,7 @@ import attrs
 import trio
 
 from lmcd import __version__
+from lmcd.enginepool import EnginePools, PoolJob
 from lmcd.errors import LmcdError, ProtocolError, RegistrationError, TransferError
 from lmcd.lookups import LookupJobs, Sessions
 from lmcd.scheduler import RetrieveJob, StoreJob, TransferScheduler
@@ -29,14 +30,19 @@ from lmcd.wire.detect import Ambiguous, DialectRouter
 from lmcd.wire.types import (
     Capabilities,
     Clear,
+    CommitRetrieve,
+    CommitStore,
     EndSession,
     FreeLookupLocks,
     GetChunkSize,
     Lookup,
     Noop,
     Ping,
+    PrepareRetrieve,
+    PrepareStore,
     QueryLookup,
     RegisterKVCache,
+    RegisterPool,
     ReportBlockAllocation,
     Request,
     Retrieve,
@@ -48,6 +54,7 @@ from lmcd.wire.types import (
     TokenKey,
     TokenSpan,
     UnregisterKVCache,
+    UnregisterPool,
 )
 
 log = logging.getLogger(__name__)
@@ -81,6 +88,7 @@ class Handlers:
     started_at: float = attrs.field(factory=time.monotonic)
     counters: Counters = attrs.field(factory=Counters)
     extra_stats: Callable[[], dict[str, Any]] = lambda: {}
+    pools: EnginePools | None = None
     _nursery: trio.Nursery | None = None
     _inflight: int = 0
     _log_limit: RateLimitedLog = attrs.field(factory=lambda: RateLimitedLog(log))
@@ -235,13 +243,24 @@ class Handlers:
             return None
         if isinstance(request, Ping):
             if request.instance_id is not None:
-                self.scheduler.touch(request.instance_id)
+                self.scheduler.heartbeat(request.instance_id)
             return True
         if isinstance(request, Capabilities):
             return []
         if isinstance(request, ReportBlockAllocation):
             return None
+        # -- engine-driven pools (lmcd.enginepool): no copy, answered inline --
+        if isinstance(request, PrepareStore):
+            return self._pools().prepare_store(request)
+        if isinstance(request, CommitRetrieve):
+            return self._pools().commit_retrieve(request)
+        # -- end of engine-driven pools --
         raise ProtocolError(f"no control-plane handler for {request!r}")
+
+    def _pools(self) -> EnginePools:
+        if self.pools is None:
+            raise TransferError("engine-driven transfers are not served here")
+        return self.pools
 
     # -- token-addressed lookups (lmcache 0.4+) ----------------------------------
 
@@ -330,7 +349,7 @@ class Handlers:
 
     # -- data plane (one task each) ------------------------------------------
 
-    def _admit(self, request: Request) -> StoreJob | RetrieveJob | None:
+    def _admit(self, request: Request) -> StoreJob | RetrieveJob | PoolJob | None:
         if isinstance(request, Store):
             return self.scheduler.admit_store(request)
         if isinstance(request, Retrieve):
@@ -346,6 +365,12 @@ class Handlers:
             except LmcdError:
                 self._release_span(request)
                 raise
+        # -- engine-driven pools: admitted in arrival order, like copies --
+        if isinstance(
+            request, RegisterPool | UnregisterPool | CommitStore | PrepareRetrieve
+        ):
+            return self._pools().admit(request)
+        # -- end of engine-driven pools --
         return None
 
     def _release_span(self, request: RetrieveSpan, done: int = 0) -> None:
@@ -365,7 +390,7 @@ class Handlers:
         dialect: Dialect,
         message: Message,
         request: Request,
-        job: StoreJob | RetrieveJob | None,
+        job: StoreJob | RetrieveJob | PoolJob | None,
     ) -> None:
         name = type(request).__name__
         try:
@@ -384,8 +409,10 @@ class Handlers:
         self.send([identity, *dialect.encode(message, request, value)])
 
     async def _serve_data(
-        self, request: Request, job: StoreJob | RetrieveJob | None
+        self, request: Request, job: StoreJob | RetrieveJob | PoolJob | None
     ) -> object:
+        if isinstance(job, PoolJob):  # engine-driven pools
+            return await self._pools().run(job)
         if isinstance(job, StoreJob):
             return await self.scheduler.run_store(job)
         if isinstance(job, RetrieveJob):
@@ -483,6 +510,11 @@ _DATA_PLANE = (
     Retrieve,
     StoreSpan,
     RetrieveSpan,
+    # engine-driven pools: a file to create, a copy or a wait
+    RegisterPool,
+    UnregisterPool,
+    CommitStore,
+    PrepareRetrieve,
 )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import attrs
 import trio
@@ -38,6 +38,15 @@ log = logging.getLogger(__name__)
 # How often an unfinished CUDA event is polled (seconds, doubling to the max).
 _POLL_MIN = 0.0002
 _POLL_MAX = 0.005
+
+
+class EngineRegistry(Protocol):
+    """Engines registered outside the scheduler (lmcd.enginepool's
+    engine-driven workers): they count for `serves` and take heartbeats."""
+
+    def serves(self, model_name: str, world_size: int) -> bool: ...
+
+    def touch(self, instance_id: int) -> bool: ...
 
 
 @attrs.define(slots=True, eq=False)
@@ -113,6 +122,7 @@ class TransferScheduler:
     _limiter: trio.CapacityLimiter = attrs.field(init=False)
     _instances: dict[int, Instance] = attrs.field(factory=dict, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+    peers: list[EngineRegistry] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._limiter = trio.CapacityLimiter(self.max_workers)
@@ -226,12 +236,20 @@ class TransferScheduler:
         instance.pinged = True
         return True
 
+    def heartbeat(self, instance_id: int) -> bool:
+        """A ping from `instance_id`, whichever registry holds it (`touch`
+        only refreshes the scheduler's own KV caches)."""
+        found = self.touch(instance_id)
+        for peer in self.peers:
+            found = peer.touch(instance_id) or found
+        return found
+
     def serves(self, model_name: str, world_size: int) -> bool:
         """Whether some registered engine runs this model at this world size."""
         return any(
             i.model_name == model_name and i.world_size == world_size
             for i in self._instances.values()
-        )
+        ) or any(p.serves(model_name, world_size) for p in self.peers)
 
     def silent_instances(self, now: float, timeout: float, grace: float) -> list[int]:
         """Heartbeat clients silent for longer than `timeout` (after their
