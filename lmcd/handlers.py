@@ -223,7 +223,7 @@ class Handlers:
         if isinstance(request, GetChunkSize):
             return self.chunk_size
         if isinstance(request, Clear):
-            dropped = self.storage.clear()
+            dropped = self.storage.clear(force=request.force)
             log.info("Cleared %d chunks", dropped)
             return None
         if isinstance(request, Stats):

@@ -406,12 +406,19 @@ class StorageManager:
 
     # -- clear ---------------------------------------------------------------
 
-    def clear(self) -> int:
-        """Drop every chunk. Memory that a copy is using is freed when the
-        copy lets go; nothing is visible to lookups after this. Returns the
-        number of chunks dropped."""
-        dropped = len(self._index)
+    def clear(self, force: bool = True) -> int:
+        """Drop every chunk (`force`), or every chunk not in use: without
+        `force`, chunks that are locked by a lookup, pinned by a retrieve or
+        being stored stay. Memory that a copy is using is freed when the
+        copy lets go; nothing dropped is visible to lookups after this.
+        Returns the number of chunks dropped."""
+        dropped = 0
         for entry in list(self._index.values()):
+            if not force and (
+                entry.locks or entry.pins or entry.state is State.RESERVED
+            ):
+                continue
+            dropped += 1
             del self._index[entry.key]
             self.policy.discard(entry.key)
             if entry.locks:
