@@ -412,6 +412,7 @@ class StorageManager:
         being stored stay. Memory that a copy is using is freed when the
         copy lets go; nothing dropped is visible to lookups after this.
         Returns the number of chunks dropped."""
+        self.expire_locks()
         dropped = 0
         for entry in list(self._index.values()):
             if not force and (
