@@ -452,17 +452,17 @@ async def test_restart_with_20000_chunks_is_fast(tmp_path: Path, cap: None) -> N
 # -- kill -9 during heavy writes ------------------------------------------------
 
 WRITER = """
-import random, sys, trio
+import sys, trio
 from lmcd_backends.disk import DiskTier
 from lmcd_backends.protocol import ObjectId
+from tests.test_disk_tier import kill_payload
 
 path, mode = sys.argv[1], sys.argv[2]
 
 def oid(n):
     return ObjectId(b"kill" + n.to_bytes(8, "big"), "mha", 256 * 1024 + n % 7 * 1000)
 
-def payload(i):
-    return random.Random(i.key).randbytes(i.nbytes)
+payload = kill_payload
 
 async def main():
     tier = DiskTier(path, 1 << 40, threads=4, direct=None if mode == "auto" else False)
@@ -478,10 +478,35 @@ trio.run(main)
 """
 
 
+_BASE = random.Random(0).randbytes(512 * 1024)
+
+
+def kill_payload(i: ObjectId) -> bytes:
+    """Content derived from the id, cheap to make (the writer must spend its
+    time writing, so that the kill lands mid-write)."""
+    return (i.key * 4)[:48] + _BASE[48 : i.nbytes]
+
+
+def _complete_on_disk(path: Path) -> bool:
+    """Whether the file is a whole, valid chunk named after its id."""
+    data = path.read_bytes()
+    try:
+        header = format.decode_header(data)
+    except format.FormatError:
+        return False
+    n = header.oid.nbytes
+    body = data[header.header_size : header.header_size + n]
+    return (
+        header.oid.name() == path.name
+        and len(data) == format.file_size(header.oid)
+        and format.crc32c(body) == header.payload_crc
+    )
+
+
 def _kill_writer(path: Path, mode: str, after: int, extra: float) -> int:
     """Run the writer, SIGKILL it `extra` seconds after it acknowledged
     `after` chunks; returns how many it acknowledged."""
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.Popen(
         [sys.executable, "-c", WRITER, str(path), mode],
         stdout=subprocess.PIPE,
@@ -511,10 +536,14 @@ async def test_kill_9_during_heavy_writes(
     tmp_path: Path, mode_name: str, cap: None
 ) -> None:
     rng = random.Random(0)
-    for round_ in range(2):
+    for round_ in range(3):
         acked = await trio.to_thread.run_sync(
             _kill_writer, tmp_path, mode_name, 48 * (round_ + 1), rng.random() * 0.05
         )
+        # What a write leaves under a chunk's final name is always whole
+        # (temporary name, then rename): never a torn chunk, before recovery.
+        for path in (tmp_path / io.CHUNKS_DIR).glob("*/" + "?" * io.NAME_LEN):
+            assert _complete_on_disk(path), path
         t = DiskTier(tmp_path, 1 << 40, direct=MODES[mode_name])
         listed = [i for i, _ in await t.scan()]
         leftovers = list((tmp_path / io.CHUNKS_DIR).glob("*/*.tmp"))
@@ -526,7 +555,7 @@ async def test_kill_9_during_heavy_writes(
         got = await t.get_into(list(zip(listed, bufs, strict=True)))
         assert all(got)
         for i, b in zip(listed, bufs, strict=True):
-            assert bytes(b) == random.Random(i.key).randbytes(i.nbytes)
+            assert bytes(b) == kill_payload(i)
         assert t.usage().verify_failures == 0
         await t.aclose()
 
