@@ -84,6 +84,10 @@ class _Opened:
     foreign: int
 
 
+def _path(path: str | os.PathLike[str]) -> str:
+    return os.fspath(path)
+
+
 def _view(buf: Any, oid: ObjectId, writable: bool) -> memoryview:
     """`buf` (a CPU tensor or any contiguous buffer) as flat bytes."""
     if hasattr(buf, "numpy") and callable(buf.numpy):
@@ -128,7 +132,7 @@ class DiskTier:
     `nbytes` (a caller bug); single chunks that fail are False results.
     """
 
-    path: str = attrs.field(converter=os.fspath)
+    path: str = attrs.field(converter=_path)
     capacity_bytes: int
     threads: int = DEFAULT_THREADS
     direct: bool | None = None
