@@ -12,6 +12,7 @@ read and remove files (see `lmcd_backends.disk.io`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import fcntl
@@ -37,6 +38,7 @@ DEFAULT_THREADS = 4
 DEFAULT_MIN_FREE_BYTES = 256 << 20
 # Compact the journal once it holds this many records beyond two per chunk.
 JOURNAL_SLACK = 4096
+HEADER_READERS = 16  # threads reading headers of unjournaled files at open
 LOG_INTERVAL = 10.0  # seconds between two warnings of one kind
 
 
@@ -605,11 +607,14 @@ def _recover(
             index.pop(name, None)
             index[name] = _Entry(oid, file_size(oid))
     from_headers = removed = 0
-    for name in sorted(listing.names - index.keys()):
-        # Renamed in but not journaled (journal lost or torn): read its
-        # header; anything that is not a valid chunk of ours goes.
-        file = io.chunk_path(path, name)
-        found = io.read_header(file)
+    # Renamed in but not journaled (written just before a crash, or the
+    # journal was lost): read their headers, in parallel (cold reads are
+    # latency-bound); anything that is not a valid chunk of its name goes.
+    unknown = sorted(listing.names - index.keys())
+    files = [io.chunk_path(path, name) for name in unknown]
+    with concurrent.futures.ThreadPoolExecutor(HEADER_READERS) as pool:
+        headers = list(pool.map(io.read_header, files))
+    for name, file, found in zip(unknown, files, headers, strict=True):
         if found is None or found.name() != name:
             io.remove(file)
             removed += 1
