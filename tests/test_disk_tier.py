@@ -604,27 +604,51 @@ async def test_disk_use_stays_within_capacity_under_churn(
     await t.aclose()
 
 
-def _slow(
-    monkeypatch: pytest.MonkeyPatch, name: str, delay: float
-) -> tuple[list[str], threading.Lock]:
-    """Make io.`name` sleep `delay` s in its thread first; returns a log of
-    'start'/'end' events."""
-    real = getattr(io, name)
-    events: list[str] = []
-    lock = threading.Lock()
+class Gate:
+    """Holds the worker threads of io.`name` until `open()`, and logs when
+    each starts and ends."""
 
-    def slow(*args: Any) -> Any:
-        with lock:
-            events.append("start")
-        time.sleep(delay)
-        try:
-            return real(*args)
-        finally:
-            with lock:
-                events.append("end")
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+        self.events: list[str] = []
+        self._lock = threading.Lock()
+        self._open = threading.Event()
+        self._starts = 0
+        self._waiters: dict[int, trio.Event] = {}
+        real = getattr(io, name)
 
-    monkeypatch.setattr(io, name, slow)
-    return events, lock
+        def gated(*args: Any) -> Any:
+            self._log("start")
+            trio.from_thread.run_sync(self._started)
+            self._open.wait(TIMEOUT)
+            try:
+                return real(*args)
+            finally:
+                self._log("end")
+
+        monkeypatch.setattr(io, name, gated)
+
+    def _log(self, event: str) -> None:
+        with self._lock:
+            self.events.append(event)
+
+    def log(self) -> list[str]:
+        with self._lock:
+            return list(self.events)
+
+    def open(self) -> None:
+        self._open.set()
+
+    def _started(self) -> None:  # on the Trio thread
+        self._starts += 1
+        for n, event in self._waiters.items():
+            if self._starts >= n:
+                event.set()
+
+    async def wait_started(self, n: int) -> None:
+        event = self._waiters.setdefault(n, trio.Event())
+        if self._starts >= n:
+            event.set()
+        await event.wait()
 
 
 @pytest.mark.parametrize("op", ["write_chunk", "read_chunk"])
@@ -635,20 +659,32 @@ async def test_cancellation_waits_for_threads_touching_buffers(
     ids = [oid(i, 100000) for i in range(6)]
     if op == "read_chunk":
         await t.put([(i, payload(i)) for i in ids])
-    events, lock = _slow(monkeypatch, op, 0.2)
+    gate = Gate(monkeypatch, op)
     bufs = [bytearray(i.nbytes) for i in ids]
-    started = trio.current_time()
-    with trio.move_on_after(0.05) as scope:
-        if op == "write_chunk":
-            await t.put([(i, payload(i)) for i in ids])
-        else:
-            await t.get_into(list(zip(ids, bufs, strict=True)))
+    returned = trio.Event()
+
+    async def call(scope: trio.CancelScope) -> None:
+        with scope:
+            if op == "write_chunk":
+                await t.put([(i, payload(i)) for i in ids])
+            else:
+                await t.get_into(list(zip(ids, bufs, strict=True)))
+        returned.set()
+
+    scope = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call, scope)
+        await gate.wait_started(2)  # two threads now hold buffers
+        scope.cancel()
+        with trio.move_on_after(0.1):
+            await returned.wait()
+        # Cancelled, yet still waiting for the two threads.
+        assert not returned.is_set()
+        gate.open()
+        await returned.wait()
     assert scope.cancelled_caught
-    with lock:
-        # Two threads were running when the cancel came; both finished
-        # before the call returned; the queued ones never started.
-        assert events == ["start", "start", "end", "end"]
-    assert trio.current_time() - started >= 0.2
+    # The queued items never started; both running threads ended first.
+    assert gate.log() == ["start", "start", "end", "end"]
     assert t.usage().queue_depth == 0
     assert (await t.contains(ids)).count(True) == (2 if op == "write_chunk" else 6)
     await t.aclose()
@@ -659,13 +695,22 @@ async def test_delete_waits_for_an_in_flight_write(
 ) -> None:
     t = DiskTier(tmp_path / "d", 64 * MiB)
     await t.scan()
-    _slow(monkeypatch, "write_chunk", 0.2)
+    gate = Gate(monkeypatch, "write_chunk")
     a = oid(1, 5000)
+    deleted = trio.Event()
+
+    async def delete() -> None:
+        await t.delete([a])
+        deleted.set()
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(t.put, [(a, payload(a))])
-        await trio.sleep(0.05)
+        await gate.wait_started(1)
         assert await t.put([(a, payload(a))]) == [False]  # already being written
-        await t.delete([a])
+        nursery.start_soon(delete)
+        await trio.sleep(0.05)
+        assert not deleted.is_set()  # waits for the write
+        gate.open()
     assert await t.contains([a]) == [False]
     assert not chunk_file(t, a).exists()
     assert t.usage().used_bytes == 0
