@@ -772,3 +772,19 @@ async def test_health(tmp_path: Path, cap: None) -> None:
     os.rename(tmp_path / "e", tmp_path / "gone")
     assert not (await ok.health()).healthy
     await ok.aclose()
+
+
+def test_benchmark_runs_small(tmp_path: Path) -> None:
+    from lmcd.benchmarks import disk as bench
+
+    if not io.probe_direct(str(tmp_path)):
+        pytest.skip("no O_DIRECT here: the benchmark refuses to run")
+    tp = bench.throughput(tmp_path, 64 * 1024, MiB, threads=2, rounds=1)
+    assert tp.chunks == 16
+    assert min(tp.write_gbps, tp.read_gbps, tp.base_write_gbps) > 0
+    rs = bench.restart(tmp_path, 50, 4096, drop=False)
+    assert rs.chunks == 50
+    assert 0 < rs.open_to_hit_s <= rs.process_to_hit_s
+    text = bench.report([tp], rs, threads=2, rounds=1)
+    assert "| 0.0625 MiB | 16 |" in text
+    assert "Restart with 50 chunks" in text

@@ -230,7 +230,7 @@ def _restart_once(
     return float(out[0]), float(out[1])
 
 
-def restart(root: Path, chunks: int, chunk: int) -> Restart:
+def restart(root: Path, chunks: int, chunk: int, drop: bool) -> Restart:
     tier_dir = root / "restart"
 
     async def fill() -> None:
@@ -244,7 +244,7 @@ def restart(root: Path, chunks: int, chunk: int) -> Restart:
         await tier.aclose()
 
     trio.run(fill)
-    cold = _drop_caches()
+    cold = drop and _drop_caches()
     open_s, process_s = _restart_once(tier_dir, chunks, chunk, cold)
     (tier_dir / disk_io.JOURNAL).unlink()
     lost, _ = _restart_once(tier_dir, chunks, chunk, cold)
@@ -299,6 +299,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--restart-chunks", type=int, default=20000)
     parser.add_argument("--restart-chunk-kb", type=int, default=64)
+    parser.add_argument(
+        "--no-drop-caches",
+        dest="drop_caches",
+        action="store_false",
+        help="measure the restart with a warm page cache (by default, as root, "
+        "the whole machine's page cache is dropped before each restart)",
+    )
     parser.add_argument("--out", help="also write the markdown report here")
     args = parser.parse_args()
     root = Path(args.dir) / f"lmcd-disk-bench-{os.getpid()}"
@@ -316,7 +323,9 @@ def main() -> None:
             )
             for mb in args.chunk_mb
         ]
-        rs = restart(root, args.restart_chunks, args.restart_chunk_kb * 1024)
+        rs = restart(
+            root, args.restart_chunks, args.restart_chunk_kb * 1024, args.drop_caches
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     text = report(tp, rs, args.threads, args.rounds)
