@@ -162,7 +162,8 @@ class CopyTier(Protocol):
     Failures of single objects are results (False, a miss), not exceptions:
     a chunk that cannot be read or does not verify is a miss, never wrong
     bytes. `TierError` is raised only when the tier as a whole cannot serve
-    (and by every method after `aclose`); `ValueError` for a buffer that is
+    (and by the batched methods after `aclose`; `health` then reports
+    unhealthy, `usage` still answers); `ValueError` for a buffer that is
     not `id.nbytes` long (a caller bug), before any I/O of the batch.
 
     Construction does no I/O: the first method awaited opens the tier
@@ -181,7 +182,7 @@ class CopyTier(Protocol):
         """Store each `(id, buffer)` (a 1-D uint8 tensor or bytes-like of
         `id.nbytes`); the buffer is read before this returns and must not be
         changed meanwhile. Returns per item whether it is now held (an id
-        names immutable content: one already held is not rewritten). A put
+        names immutable content: one already held need not be rewritten). A put
         that would pass the tier's capacity is refused (False) rather than
         evicting: the manager deletes and retries."""
         ...
