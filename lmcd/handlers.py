@@ -28,6 +28,7 @@ from lmcd.storage import StorageManager
 from lmcd.wire import Dialect, Message, Unsupported, parse
 from lmcd.wire.detect import Ambiguous, DialectRouter
 from lmcd.wire.types import (
+    MAX_EXPANDED_KEYS,
     Capabilities,
     Clear,
     CommitRetrieve,
@@ -70,6 +71,7 @@ class Counters:
     ambiguous_messages: int = 0
     unsupported_requests: int = 0
     reaped_workers: int = 0
+    stream_control_frames: int = 0
     by_type: dict[str, int] = attrs.field(factory=dict)
     by_dialect: dict[str, int] = attrs.field(factory=dict)
 
@@ -116,6 +118,12 @@ class Handlers:
     # -- entry point from the listener ---------------------------------------
 
     def on_message(self, identity: bytes, frames: list[bytes]) -> None:
+        if len(frames) == 3 and frames[1] == b"":
+            # lmcache 0.5's stream credit/cancel frames (`[uid, b"", b"ack"
+            # | b"cancel"]`); lmcd ends every stream at once, so a client may
+            # still send a cancel after the end. Nothing to answer.
+            self.counters.stream_control_frames += 1
+            return
         try:
             message = parse(frames)
         except ProtocolError as e:
@@ -270,18 +278,26 @@ class Handlers:
         read-locked `span.readers` times."""
         job = self.jobs.start(span.request_id)
         session = self.sessions.get(span.request_id)
-        if not self.scheduler.serves(span.model_name, span.world_size):
-            # lmcache answers 0 for a model no worker has registered.
-            job.hits = 0
-        else:
-            hashes = self.sessions.chunk_hashes(span)
-            keys = [
-                TokenKey(span.model_name, span.world_size, span.worker_id, h, span.salt)
-                for h in hashes
-            ]
-            job.hits = self.storage.lookup(keys, True, readers=span.readers)
-        session.lookup_hits = job.hits
+        # A lookup that fails still finishes, with 0 hits: a job left
+        # running would keep its client polling until its own timeout.
+        job.hits = 0
+        session.lookup_hits = 0
         session.lookup_span = span
+        if not self.scheduler.serves(span.model_name, span.world_size):
+            return  # lmcache answers 0 for a model no worker has registered
+        hashes = self.sessions.chunk_hashes(span)
+        if len(hashes) * span.world_size > MAX_EXPANDED_KEYS:
+            raise ProtocolError(
+                f"lookup of {len(hashes)} chunks x {span.world_size} ranks "
+                f"is over {MAX_EXPANDED_KEYS} objects"
+            )
+        keys = [
+            TokenKey(span.model_name, span.world_size, span.worker_id, h, span.salt)
+            for h in hashes
+        ]
+        job.hits = session.lookup_hits = self.storage.lookup(
+            keys, True, readers=span.readers
+        )
 
     def _free_lookup_locks(self, span: TokenSpan) -> None:
         """Release the read locks the request's lookup took on the chunks of

@@ -12,7 +12,6 @@ Runs on the Trio thread (no locks); imports no trio, zmq or torch.
 
 from __future__ import annotations
 
-import struct
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -36,9 +35,10 @@ class ChainHasher(Protocol):
 
     chunk_size: int
 
-    def chain(self, prefix: bytes | None, tokens: Sequence[int]) -> bytes:
-        """The hash of one chunk of `tokens` after the chunk hashed `prefix`
-        (None: the first chunk of a prompt)."""
+    def extend(self, prefix: bytes | None, tokens: Sequence[int]) -> list[bytes]:
+        """The hashes of the full chunks of `tokens`, continuing the chain
+        after the chunk hashed `prefix` (None: the prompt's start). Raises
+        `ValueError` for a token id outside 0..2**32-1."""
         ...
 
 
@@ -106,15 +106,13 @@ class Sessions:
             known = 0
         if full > known:
             hashes = session.hashes
-            prefix = hashes[-1] if hashes else None
-            chain = self.hasher.chain
             try:
-                for i in range(known, full, size):
-                    prefix = chain(prefix, tokens[i : i + size])
-                    hashes.append(prefix)
-            except (struct.error, OverflowError) as e:
+                hashes += self.hasher.extend(
+                    hashes[-1] if hashes else None, tokens[known:full]
+                )
+            except ValueError as e:
                 self._forget_tokens(session)
-                raise ProtocolError(f"token id out of range: {e}") from e
+                raise ProtocolError(str(e)) from e
             self._hashed += (full - known) // size
             self._tokens += full - len(session.tokens)
             session.tokens = tokens[:full]

@@ -21,9 +21,10 @@ class Clock:
 class CountingHasher(TokenHasher):
     calls: int = 0
 
-    def chain(self, prefix: bytes | None, tokens: object) -> bytes:
-        type(self).calls += 1
-        return super().chain(prefix, tokens)  # type: ignore[arg-type]
+    def extend(self, prefix: bytes | None, tokens: object) -> list[bytes]:
+        hashes = super().extend(prefix, tokens)  # type: ignore[arg-type]
+        type(self).calls += len(hashes)
+        return hashes
 
 
 def span(
