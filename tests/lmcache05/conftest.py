@@ -37,16 +37,7 @@ else:
         zmq_context,
     )
 
-    # The one place that says lmcd does not speak lmcache 0.5 yet: every
-    # test that runs against lmcd gets this mark through `LMCD_PARAM`.
-    # Remove the mark when the dialect lands (strict: a pass fails loudly).
-    LMCD_PARAM = pytest.param(
-        LMCD,
-        marks=pytest.mark.xfail(
-            strict=True, reason="lmcache 0.5 dialect not implemented yet"
-        ),
-    )
-    SERVER_PARAMS = [REFERENCE, LMCD_PARAM]
+    SERVER_PARAMS = [REFERENCE, LMCD]
 
     # The lock TTL of the `short_ttl_server`s, in seconds.
     SHORT_LOCK_TTL = 1
