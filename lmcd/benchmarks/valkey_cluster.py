@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -150,7 +151,9 @@ class Node:
                     f"valkey-server on port {self.port} exited: {self.log_tail()}"
                 )
             with contextlib.suppress(OSError):
-                if command(self.port, "PING", timeout=1.0) == "PONG":
+                # A server with a password answers NOAUTH: up all the same.
+                reply = command(self.port, "PING", timeout=1.0)
+                if reply == "PONG" or "NOAUTH" in str(reply):
                     return
             if time.monotonic() > deadline:
                 raise ClusterStartError(f"valkey-server on {self.port} not ready")
@@ -254,14 +257,14 @@ class LocalCluster:
             raise
         return self
 
-    def _cmd(self, port: int, *args: str) -> object:
+    def _cmd(self, port: int, *args: str | bytes) -> object:
         if self.password:
             with socket.create_connection(("127.0.0.1", port), timeout=5.0) as s:
                 reader = s.makefile("rb")
                 for cmd in (("AUTH", self.password), args):
                     parts = [f"*{len(cmd)}\r\n".encode()]
                     for a in cmd:
-                        b = a.encode()
+                        b = a.encode() if isinstance(a, str) else a
                         parts += [f"${len(b)}\r\n".encode(), b, b"\r\n"]
                     s.sendall(b"".join(parts))
                     reply = _read_reply(reader)
@@ -312,6 +315,24 @@ class LocalCluster:
             if "connected" in line.split()[7:8] and "fail" not in line.split()[2]
         ]  # fmt: skip
         return b"cluster_state:ok" in info and len(connected) == len(self.nodes)
+
+    def node_of(self, key: bytes) -> Node:
+        """The master that serves `key` (the only node when standalone)."""
+        if not self.masters:
+            return self.nodes[0]
+        slot = self.call(self.nodes[0], "CLUSTER", "KEYSLOT", key)
+        for node in self.nodes:
+            if node.proc is None or node.proc.poll() is not None:
+                continue
+            for first, last, master, *_ in self.call(node, "CLUSTER", "SLOTS"):
+                if first <= slot <= last:
+                    return next(n for n in self.nodes if n.port == master[1])
+        raise KeyError(key)
+
+    def call(self, node: Node, *args: str | bytes) -> Any:
+        """One command to `node` (authenticated when the cluster has a
+        password); an error reply comes back as an exception instance."""
+        return self._cmd(node.port, *args)
 
     def stop(self) -> None:
         """Stop every node and remove the directory (idempotent)."""
