@@ -243,6 +243,18 @@ async def test_concurrent_writers_of_one_chunk_leave_one_write(
         assert await tiers[0].get_into([(o, buf)]) == [True]
         assert bytes(buf) == payload(o)
         assert sum(t.usage().writes for t in tiers) >= 1
+        # The manifest names one write; the parts of writes that lost the
+        # race are set to expire, not left behind for good.
+        keys = tiers[0]._client.keys
+        node = valkey_cluster.node_of(keys.manifest(o))
+        m = decode_manifest(valkey_cluster.call(node, "GET", keys.manifest(o)), o)
+        pattern = keys.prefix + keys.tag(o).replace(b"{", b"\\{").replace(b"}", b"\\}")
+        lasting = {
+            k
+            for k in valkey_cluster.call(node, "KEYS", pattern + b"*")
+            if valkey_cluster.call(node, "PTTL", k) == -1
+        }
+        assert lasting == {keys.manifest(o), *keys.parts(m)}
         for t in tiers:
             await t.aclose()
 
