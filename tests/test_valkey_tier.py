@@ -475,7 +475,9 @@ async def test_stalled_node_never_blocks_beyond_the_deadline(
     fresh_cluster: LocalCluster,
 ) -> None:
     c = fresh_cluster
-    tier = make(c, "s:", timeout=0.4, lookup_timeout=0.2, probe_interval=0.1)
+    # A long transfer deadline, so that a call that waits for it is told
+    # apart from one that fails fast.
+    tier = make(c, "s:", timeout=1.5, lookup_timeout=0.2, probe_interval=0.1)
     with trio.fail_after(TIMEOUT):
         ids = _spread(tier, c, 1)
         assert await tier.put([(i, payload(i)) for i in ids]) == [True] * 3
@@ -491,7 +493,8 @@ async def test_stalled_node_never_blocks_beyond_the_deadline(
             assert took < SLACK  # the node is already marked down
             more = [(oid(500 + n, 4096), bytes(4096)) for n in range(30)]
             got, took = await _timed(tier.put(more))
-            assert took < 0.4 + SLACK
+            assert took < SLACK
+            assert got.count(False) >= 5  # about a third, on the stalled node
             assert not (await tier.health()).healthy
         finally:
             c.nodes[1].resume()
