@@ -57,6 +57,7 @@ class Outcome(enum.Enum):
     FAILED = "failed"  # an error reply or a broken connection
     TIMEOUT = "timeout"  # the deadline passed
     SKIPPED = "skipped"  # the node is marked down (or no topology yet): no I/O
+    MOVED = "moved"  # the slot moved (internal: the operation is retried once)
 
 
 class Mode(enum.Enum):
@@ -447,7 +448,9 @@ class RemoteClient:
         self.release(node, conn)
         results: list[Manifest | Outcome] = []
         for oid, reply in zip(oids, replies, strict=True):
-            results.append(self._manifest_of(oid, reply))
+            m = self._manifest_of(oid, reply)
+            # A moved slot: the prober reloads the map for the next call.
+            results.append(Outcome.FAILED if m is Outcome.MOVED else m)
         return results
 
     def _manifest_of(self, oid: ObjectId, reply: object) -> Manifest | Outcome:
@@ -455,7 +458,7 @@ class RemoteClient:
             return Outcome.MISS
         if isinstance(reply, ErrorReply):
             self._redirected(reply)
-            return Outcome.FAILED
+            return Outcome.MOVED if reply.kind == "MOVED" else Outcome.FAILED
         if not isinstance(reply, bytes):
             return Outcome.BAD_MANIFEST
         try:
@@ -471,7 +474,14 @@ class RemoteClient:
             self._wake.set()
 
     def get_chunk(self, oid: ObjectId, view: memoryview, deadline: float) -> Outcome:
-        """Fill `view` (`oid.nbytes`) with the verified chunk."""
+        """Fill `view` (`oid.nbytes`) with the verified chunk. A slot that
+        moved (`MOVED`) reloads the slot map and is tried once more."""
+        outcome = self._get_once(oid, view, deadline)
+        if outcome is Outcome.MOVED and self.refresh(deadline):
+            outcome = self._get_once(oid, view, deadline)
+        return Outcome.FAILED if outcome is Outcome.MOVED else outcome
+
+    def _get_once(self, oid: ObjectId, view: memoryview, deadline: float) -> Outcome:
         node = self.route(oid)
         if node is None or node.down:
             return Outcome.SKIPPED
@@ -536,7 +546,17 @@ class RemoteClient:
     ) -> Outcome:  # fmt: skip
         """Store `view` as `oid` unless a valid manifest is already there:
         parts under a fresh write id first, then the manifest if still
-        absent (`SET NX`). A reader sees the whole chunk or nothing."""
+        absent (`SET NX`). A reader sees the whole chunk or nothing. A slot
+        that moved reloads the slot map and is tried once more."""
+        outcome = self._put_once(oid, view, deadline, part_size, ttl_ms)
+        if outcome is Outcome.MOVED and self.refresh(deadline):
+            outcome = self._put_once(oid, view, deadline, part_size, ttl_ms)
+        return Outcome.FAILED if outcome is Outcome.MOVED else outcome
+
+    def _put_once(
+        self, oid: ObjectId, view: memoryview, deadline: float, part_size: int,
+        ttl_ms: int | None,
+    ) -> Outcome:  # fmt: skip
         node = self.route(oid)
         if node is None or node.down:
             return Outcome.SKIPPED
@@ -548,9 +568,9 @@ class RemoteClient:
             if isinstance(existing, Manifest):
                 self.release(node, conn)
                 return Outcome.HELD
-            if existing is Outcome.FAILED:
+            if existing in (Outcome.FAILED, Outcome.MOVED):
                 self.release(node, conn)
-                return Outcome.FAILED
+                return existing
             if existing is Outcome.BAD_MANIFEST:
                 conn.call(["DEL", mkey], deadline)
             write_id = os.urandom(WRITE_ID_BYTES)
