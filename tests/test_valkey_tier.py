@@ -675,3 +675,38 @@ async def test_tls(
             assert not health.healthy
             assert "certificate" in health.detail.lower()
             await untrusting.aclose()
+
+
+async def test_moved_slot_is_followed(fresh_cluster: LocalCluster) -> None:
+    c = fresh_cluster
+    tier = make(c, "m:")
+    with trio.fail_after(TIMEOUT):
+        o = oid(1, 3 * MiB)
+        assert await tier.put([(o, payload(o))]) == [True]
+        keys = tier._client.keys
+        src = c.node_of(keys.manifest(o))
+        dst = next(n for n in c.nodes if n is not src)
+        slot = str(keys.slot(o))
+        src_id = c.call(src, "CLUSTER", "MYID")
+        dst_id = c.call(dst, "CLUSTER", "MYID")
+        # Reshard the chunk's slot to another master behind the tier's back.
+        assert c.call(dst, "CLUSTER", "SETSLOT", slot, "IMPORTING", src_id) == "OK"
+        assert c.call(src, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id) == "OK"
+        moving = c.call(src, "CLUSTER", "GETKEYSINSLOT", slot, "100")
+        assert len(moving) == 2  # the manifest and one part
+        reply = c.call(
+            src, "MIGRATE", "127.0.0.1", str(dst.port), "", "0", "5000", "KEYS", *moving
+        )
+        assert reply == "OK"
+        for n in c.nodes:
+            assert c.call(n, "CLUSTER", "SETSLOT", slot, "NODE", dst_id) == "OK"
+        # The tier's map still names the old master: MOVED, reload, read.
+        buf = bytearray(o.nbytes)
+        assert await tier.get_into([(o, buf)]) == [True]
+        assert bytes(buf) == payload(o)
+        assert tier.statistics().redirects >= 1
+        assert await tier.contains([o]) == [True]
+        o2 = oid(2, MiB)
+        await tier.put([(o2, payload(o2))])
+        assert await tier.contains([o2]) == [True]
+        await tier.aclose()
