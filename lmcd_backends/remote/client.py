@@ -17,7 +17,7 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import attrs
 
@@ -117,7 +117,6 @@ class RemoteClient:
     probe_interval: float = 0.25
     probe_timeout: float = 1.0
     max_probe_interval: float = 2.0
-    on_change: Callable[[str], None] | None = None
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     _nodes: dict[tuple[str, int], Node] = attrs.field(factory=dict, init=False)
     _slots: list[Node] | None = attrs.field(default=None, init=False)
@@ -196,16 +195,6 @@ class RemoteClient:
                     conn.close()
                 node.idle.clear()
 
-    def wait_known(self, timeout: float) -> bool:
-        """Block until a topology is known, up to `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while self._slots is None and not self._closed.is_set():
-            if time.monotonic() >= deadline:
-                return False
-            self._wake.set()
-            time.sleep(0.005)
-        return self._slots is not None
-
     # -- connections ----------------------------------------------------------------
 
     def _node(self, host: str, port: int) -> Node:
@@ -276,16 +265,12 @@ class RemoteClient:
         self._wake.set()
         if not was_down:
             log.warning("valkey node %s marked down: %s", node.address, error)
-            if self.on_change is not None:
-                self.on_change(f"{node.address} down")
 
     def _mark_up(self, node: Node) -> None:
         with self._lock:
             was_down, node.down, node.reason = node.down, False, ""
         if was_down:
             log.warning("valkey node %s is back", node.address)
-            if self.on_change is not None:
-                self.on_change(f"{node.address} up")
 
     # -- topology ----------------------------------------------------------------
 

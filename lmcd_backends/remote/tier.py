@@ -581,7 +581,7 @@ class ValkeyTier:
             return
         self._opened = trio.Event()
         try:
-            deadline = time.monotonic() + max(self.lookup_timeout, self.timeout)
+            deadline = time.monotonic() + self.lookup_timeout
             with trio.CancelScope(shield=True):
                 ok = await trio.to_thread.run_sync(self._client.refresh, deadline)
             if not ok:
