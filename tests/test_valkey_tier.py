@@ -710,3 +710,21 @@ async def test_moved_slot_is_followed(fresh_cluster: LocalCluster) -> None:
         await tier.put([(o2, payload(o2))])
         assert await tier.contains([o2]) == [True]
         await tier.aclose()
+
+
+async def test_idle_connections_closed_by_the_server_are_not_failures(
+    valkey_cluster: LocalCluster, prefix: str
+) -> None:
+    tier = make(valkey_cluster, prefix)
+    with trio.fail_after(TIMEOUT):
+        ids = [oid(i, 64 * KiB) for i in range(9)]
+        await tier.put([(i, payload(i)) for i in ids])  # pools connections
+        for node in valkey_cluster.nodes:  # as a restart or `timeout` would
+            valkey_cluster.call(node, "CLIENT", "KILL", "TYPE", "normal")
+        await trio.sleep(0.05)
+        bufs = [bytearray(i.nbytes) for i in ids]
+        assert await tier.get_into(list(zip(ids, bufs, strict=True))) == [True] * 9
+        assert (await tier.health()).healthy
+        stats = tier.statistics()
+        assert (stats.io_failures, stats.fast_fails) == (0, 0)
+        await tier.aclose()

@@ -120,6 +120,7 @@ class RemoteClient:
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     _nodes: dict[tuple[str, int], Node] = attrs.field(factory=dict, init=False)
     _slots: list[Node] | None = attrs.field(default=None, init=False)
+    _members: list[Node] = attrs.field(factory=list, init=False)  # of _slots
     _cluster: bool = attrs.field(default=False, init=False)
     _topology_error: str = attrs.field(default="not connected yet", init=False)
     _stale: bool = attrs.field(default=False, init=False)
@@ -162,9 +163,10 @@ class RemoteClient:
         """Why the tier is not fully serving, or "" when it is."""
         if self._slots is None:
             return f"no contact with {self._seed_text()}: {self._topology_error}"
-        down = [s for s in self.status() if not s.up]
+        everyone = self.status()
+        down = [s for s in everyone if not s.up]
         if down:
-            total = len(self.status())
+            total = len(everyone)
             names = ", ".join(f"{s.address} ({s.reason})" for s in down)
             return f"{len(down)} of {total} nodes down: {names}"
         return ""
@@ -204,19 +206,29 @@ class RemoteClient:
         return node
 
     def _serving(self) -> list[Node]:
-        slots = self._slots
-        if slots is None:
-            return []
+        return list(self._members)
+
+    def _set_slots(self, slots: list[Node], cluster: bool) -> None:
+        """Install a slot map (under `_lock`)."""
         seen: dict[int, Node] = {}
         for n in slots:
             seen.setdefault(id(n), n)
-        return list(seen.values())
+        self._members = list(seen.values())
+        self._cluster = cluster
+        self._slots = slots
 
     def acquire(self, node: Node, deadline: float) -> Connection:
-        """An open, authenticated connection to `node`."""
-        with self._lock:
-            if node.idle:
-                return node.idle.pop()
+        """An open, authenticated connection to `node`: an idle one that the
+        server has not closed meanwhile (a restart, its `timeout`), or a new
+        one."""
+        while True:
+            with self._lock:
+                if not node.idle:
+                    break
+                conn = node.idle.pop()
+            if not conn.stale():
+                return conn
+            conn.close()
         creds = self.credentials
         conn = Connection(node.host, node.port, creds.tls, creds.server_name)
         conn.connect(deadline)
@@ -309,15 +321,12 @@ class RemoteClient:
             if "disabled" not in reply.message or self.mode is Mode.CLUSTER:
                 raise ConnectionFailed(f"CLUSTER SLOTS: {reply.message}")
             with self._lock:
-                node = self._node(host, port)
-                self._cluster = False
-                self._slots = [node]
+                self._set_slots([self._node(host, port)], cluster=False)
             self.refreshes += 1
             return
         table = self._parse_slots(reply, host)
         with self._lock:
-            self._cluster = True
-            self._slots = table
+            self._set_slots(table, cluster=True)
         self.refreshes += 1
 
     def _parse_slots(self, reply: object, host: str) -> list[Node]:

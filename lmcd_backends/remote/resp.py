@@ -11,6 +11,7 @@ thread at a time. No trio, no torch.
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import ssl
 import time
@@ -142,6 +143,18 @@ class Connection:
             raise ConnectionFailed(f"TLS handshake failed: {e}") from e
         self._sock = sock
         self._start = self._end = 0
+
+    def stale(self) -> bool:
+        """Whether an idle connection is unusable: closed by the server, or
+        holding bytes nobody asked for (checked without blocking)."""
+        if self._sock is None or self._start != self._end:
+            return True
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+        try:
+            return bool(poller.poll(0))
+        except OSError:
+            return True
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
