@@ -19,6 +19,7 @@ makes it a miss.
 
 from __future__ import annotations
 
+import binascii
 import struct
 
 import attrs
@@ -145,19 +146,6 @@ class KeySpace:
         return key_slot(oid.name().encode())
 
 
-def _crc16_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
-        table.append(crc & 0xFFFF)
-    return table
-
-
-_CRC16 = _crc16_table()
-
-
 def key_slot(key: bytes) -> int:
     """The cluster hash slot of `key` (CRC16/XMODEM mod 16384), honouring a
     `{hash tag}` as the cluster does."""
@@ -166,10 +154,8 @@ def key_slot(key: bytes) -> int:
         end = key.find(b"}", start + 1)
         if end > start + 1:
             key = key[start + 1 : end]
-    crc = 0
-    for b in key:
-        crc = ((crc << 8) & 0xFFFF) ^ _CRC16[((crc >> 8) ^ b) & 0xFF]
-    return crc % SLOTS
+    # CRC-CCITT with a zero start is the cluster's CRC16/XMODEM.
+    return binascii.crc_hqx(key, 0) % SLOTS
 
 
 def crc32c(data: bytes | bytearray | memoryview) -> int:

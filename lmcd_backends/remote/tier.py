@@ -36,9 +36,9 @@ log = logging.getLogger("lmcd.remote")
 
 MiB = 1 << 20
 DEFAULT_PORT = 6379
-# Measured on loopback with 32 MiB chunks (docs/valkey.md): 2-4 MiB parts
-# beat both smaller parts (per-command overhead) and whole chunks (the
-# server's copies of a large value leave the CPU caches).
+# On loopback no part size won consistently (docs/valkey.md); 4 MiB bounds
+# what one GET costs the server's main thread (other daemons' lookups wait
+# behind it) and the output buffer a reader holds there.
 DEFAULT_PART_SIZE = 4 * MiB
 MAX_PART_SIZE = 512 * MiB  # the server's proto-max-bulk-len default
 
