@@ -485,7 +485,11 @@ async def test_stalled_node_never_blocks_beyond_the_deadline(
     c = fresh_cluster
     # A long transfer deadline, so that a call that waits for it is told
     # apart from one that fails fast.
-    tier = make(c, "s:", timeout=1.5, lookup_timeout=0.2, probe_interval=0.1)
+    # One lookup thread: the healthy nodes' lookups must not queue behind
+    # the stalled node's.
+    tier = make(
+        c, "s:", timeout=1.5, lookup_timeout=0.2, probe_interval=0.1, lookup_threads=1
+    )
     with trio.fail_after(TIMEOUT):
         ids = _spread(tier, c, 1)
         assert await tier.put([(i, payload(i)) for i in ids]) == [True] * 3

@@ -428,6 +428,8 @@ class RemoteClient:
         `TIMEOUT`, `SKIPPED` per id."""
         if node.down:
             return [Outcome.SKIPPED] * len(oids)
+        if time.monotonic() >= deadline:  # started too late: not the node's fault
+            return [Outcome.TIMEOUT] * len(oids)
         conn: Connection | None = None
         try:
             conn = self.acquire(node, deadline)

@@ -397,6 +397,7 @@ class ValkeyTier:
                         self._counters.failure(r)
                         self._note(r, ids[i], "lookup")
 
+            self._one_thread_per_node(len(groups))
             async with trio.open_nursery() as nursery:
                 for node, indexes in groups:
                     nursery.start_soon(one, node, indexes)
@@ -498,8 +499,10 @@ class ValkeyTier:
                     len(indexes),
                 )
 
+            groups = self._group(range(len(ids)), ids)
+            self._one_thread_per_node(len(groups))
             async with trio.open_nursery() as nursery:
-                for node, indexes in self._group(range(len(ids)), ids):
+                for node, indexes in groups:
                     nursery.start_soon(one, node, indexes)
 
     async def scan(self) -> list[tuple[ObjectId, int]]:
@@ -531,6 +534,14 @@ class ValkeyTier:
             await trio.to_thread.run_sync(self._client.close)
 
     # -- internals ----------------------------------------------------------
+
+    def _one_thread_per_node(self, nodes: int) -> None:
+        # Every node's batch of one call must start at once: a batch queued
+        # behind a stalled node's would start late and miss the call's
+        # deadline through no fault of its node.
+        self._lookup_limiter.total_tokens = max(
+            self._lookup_limiter.total_tokens, nodes
+        )
 
     def _deadline(self, nbytes: int) -> float:
         return time.monotonic() + self.timeout + nbytes / self.min_bandwidth
