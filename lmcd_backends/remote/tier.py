@@ -385,11 +385,15 @@ class ValkeyTier:
 
             async def one(node: Node, indexes: list[int]) -> None:
                 oids = [ids[i] for i in indexes]
-                results = await self._run(
-                    self._lookup_limiter,
-                    lambda: self._client.read_manifests(node, oids, deadline),
-                    len(indexes),
-                )
+                results: list[Manifest | Outcome]
+                if node.down:  # fail fast, without even a thread
+                    results = [Outcome.SKIPPED] * len(oids)
+                else:
+                    results = await self._run(
+                        self._lookup_limiter,
+                        lambda: self._client.read_manifests(node, oids, deadline),
+                        len(indexes),
+                    )
                 for i, r in zip(indexes, results, strict=True):
                     if isinstance(r, Manifest):
                         out[i] = True
@@ -415,6 +419,9 @@ class ValkeyTier:
             async def one(i: int) -> None:
                 oid = items[i][0]
                 view = views[i]
+                if self._down(oid):  # fail fast, without even a thread
+                    self._counters.fast_fails += 1
+                    return
                 outcome = await self._run(
                     self._read_limiter,
                     lambda: self._client.get_chunk(
@@ -455,6 +462,11 @@ class ValkeyTier:
             async def one(i: int) -> None:
                 oid = items[i][0]
                 view = views[i]
+                if self._down(oid):  # fail fast, without even a thread
+                    self._inflight -= oid.nbytes
+                    self._counters.write_failures += 1
+                    self._counters.fast_fails += 1
+                    return
                 try:
                     outcome = await self._run(
                         self._write_limiter,
@@ -534,6 +546,11 @@ class ValkeyTier:
             await trio.to_thread.run_sync(self._client.close)
 
     # -- internals ----------------------------------------------------------
+
+    def _down(self, oid: ObjectId) -> bool:
+        """Whether `oid`'s node is marked down (or there is no topology)."""
+        node = self._client.route(oid)
+        return node is None or node.down
 
     def _one_thread_per_node(self, nodes: int) -> None:
         # Every node's batch of one call must start at once: a batch queued
