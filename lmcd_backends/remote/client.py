@@ -171,6 +171,10 @@ class RemoteClient:
             return f"{len(down)} of {total} nodes down: {names}"
         return ""
 
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
     # -- lifecycle ----------------------------------------------------------------
 
     def start(self) -> None:
@@ -185,12 +189,14 @@ class RemoteClient:
             self._prober.start()
 
     def close(self) -> None:
-        """Stop the prober and close every connection (blocks briefly)."""
+        """Stop the prober and close every connection. Does not wait for a
+        probe in progress (at most `probe_timeout`): the prober touches only
+        its own connections, and closes them when it sees the tier closed."""
         self._closed.set()
         self._wake.set()
         prober = self._prober
         if prober is not None and prober is not threading.current_thread():
-            prober.join()
+            prober.join(0.05)
         with self._lock:
             for node in self._nodes.values():
                 for conn in node.idle:
@@ -253,7 +259,7 @@ class RemoteClient:
 
     def release(self, node: Node, conn: Connection) -> None:
         with self._lock:
-            if not node.down and len(node.idle) < MAX_IDLE:
+            if not node.down and len(node.idle) < MAX_IDLE and not self.closed:
                 node.idle.append(conn)
                 return
         conn.close()
