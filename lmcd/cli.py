@@ -67,6 +67,13 @@ def serve(
     disable_lazy_alloc: Annotated[
         bool, typer.Option(help="Allocate the whole CPU buffer at start-up.")
     ] = False,
+    shm_owners: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated uids whose /dev/shm files clients may "
+            "register (default: any owner)."
+        ),
+    ] = None,
     log_level: Annotated[
         str, typer.Option(help="debug, info, warning or error.")
     ] = "info",
@@ -74,7 +81,7 @@ def serve(
     """Run the cache daemon (a drop-in for lmcache.v1.multiprocess.server)."""
     import trio
 
-    from lmcd.config import Config
+    from lmcd.config import Config, parse_uids
     from lmcd.daemon import Daemon
 
     if log_level.lower() not in LOG_LEVELS:
@@ -91,6 +98,7 @@ def serve(
             segment_mb=segment_mb,
             metrics_port=metrics_port,
             disable_lazy_alloc=disable_lazy_alloc,
+            shm_owners=None if shm_owners is None else parse_uids(shm_owners),
         )
     except ConfigError as e:
         raise _fail(str(e), 2) from None

@@ -27,6 +27,8 @@ class Config:
     shutdown_grace: float = 3.0
     metrics_port: int | None = None
     disable_lazy_alloc: bool = False
+    # uids whose /dev/shm files may be registered; None: any owner.
+    shm_owners: frozenset[int] | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -49,6 +51,10 @@ class Config:
             raise ConfigError("--staging-mb and --segment-mb must be >= 1")
         if self.buffer_bytes < 4096:
             raise ConfigError("--cpu-buffer-size is smaller than one 4 KiB page")
+        if self.shm_owners is not None and (
+            not self.shm_owners or any(not 0 <= u < 1 << 32 for u in self.shm_owners)
+        ):
+            raise ConfigError("--shm-owners must name at least one uid in 0..2^32-1")
 
     @property
     def buffer_bytes(self) -> int:
@@ -61,3 +67,20 @@ class Config:
     @property
     def segment_bytes(self) -> int:
         return self.segment_mb * MiB
+
+
+def parse_uids(text: str) -> frozenset[int]:
+    """`--shm-owners`: comma-separated numeric uids ("0,1000").
+
+    Raises `ConfigError` for anything else (names are not looked up: the
+    daemon may run where the clients' user names do not exist).
+    """
+    uids: set[int] = set()
+    for raw in text.split(","):
+        part = raw.strip()
+        if not part.isascii() or not part.isdigit():
+            raise ConfigError(
+                f"--shm-owners takes comma-separated numeric uids (got {text!r})"
+            )
+        uids.add(int(part))
+    return frozenset(uids)

@@ -51,7 +51,11 @@ class Daemon:
             tier=tier, clock=time.monotonic, lock_ttl=cfg.lock_ttl
         )
         self.scheduler = TransferScheduler(
-            self.storage, cfg.chunk_size, cfg.max_workers, cfg.staging_bytes
+            self.storage,
+            cfg.chunk_size,
+            cfg.max_workers,
+            cfg.staging_bytes,
+            shm_owners=cfg.shm_owners,
         )
         self.listener = Listener(cfg.host, cfg.port, self._on_message)
         self.handlers = Handlers(

@@ -11,9 +11,11 @@ touch the index.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal
 
 import attrs
@@ -37,6 +39,14 @@ log = logging.getLogger(__name__)
 # How often an unfinished CUDA event is polled (seconds, doubling to the max).
 _POLL_MIN = 0.0002
 _POLL_MAX = 0.005
+
+
+@attrs.define(slots=True, eq=False)
+class _IdLock:
+    """The registration lock of one instance id and how many tasks use it."""
+
+    lock: trio.Lock = attrs.field(factory=trio.Lock)
+    users: int = 0
 
 
 @attrs.define(slots=True, eq=False)
@@ -100,8 +110,11 @@ class TransferScheduler:
     chunk_size: int
     max_workers: int = 1
     staging_bytes: int = cuda.DEFAULT_STAGING_BYTES
+    # uids whose /dev/shm files may be registered (None: any); --shm-owners.
+    shm_owners: frozenset[int] | None = None
     _limiter: trio.CapacityLimiter = attrs.field(init=False)
     _instances: dict[int, Instance] = attrs.field(factory=dict, init=False)
+    _registrations: dict[int, _IdLock] = attrs.field(factory=dict, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -134,33 +147,29 @@ class TransferScheduler:
     async def register(self, request: RegisterKVCache) -> Instance:
         """Open the request's KV cache (replacing one of the same id).
 
+        REGISTERs and UNREGISTERs of one instance id run one at a time, so
+        two that arrive together leave exactly one open registration (the
+        one that ran last) and every replaced one is closed.
+
         Raises `RegistrationError` when it cannot be opened.
         """
-        if request.instance_id in self._instances:
-            log.warning("GPU ID %d registered again; replacing", request.instance_id)
-            await self.unregister(request.instance_id)
-        refs = request.layers
-        if all(isinstance(r, HostTensorRef) for r in refs):
-            host_refs = [r for r in refs if isinstance(r, HostTensorRef)]
-            kv: host.HostKV | cuda.CudaKV = await trio.to_thread.run_sync(
-                host.open_host_kv, host_refs
+        async with self._serialized(request.instance_id):
+            if request.instance_id in self._instances:
+                log.warning(
+                    "GPU ID %d registered again; replacing", request.instance_id
+                )
+                await self._unregister(request.instance_id)
+            kv = await self._open(request)
+            try:
+                blocks = kv.layout.blocks_per_chunk(self.chunk_size)
+            except RegistrationError:
+                kv.close()
+                raise
+            kind: Literal["cuda", "host"] = (
+                "host" if isinstance(kv, host.HostKV) else "cuda"
             )
-            kind: Literal["cuda", "host"] = "host"
-        elif all(isinstance(r, CudaTensorRef) for r in refs):
-            cuda_refs = [r for r in refs if isinstance(r, CudaTensorRef)]
-            kv = await trio.to_thread.run_sync(
-                cuda.open_cuda_kv, cuda_refs, self.staging_bytes
-            )
-            kind = "cuda"
-        else:
-            raise RegistrationError("KV cache mixes CUDA and host layers")
-        try:
-            blocks = kv.layout.blocks_per_chunk(self.chunk_size)
-        except RegistrationError:
-            kv.close()
-            raise
-        instance = Instance(request.instance_id, kind, kv, blocks)
-        self._instances[request.instance_id] = instance
+            instance = Instance(request.instance_id, kind, kv, blocks)
+            self._instances[request.instance_id] = instance
         log.info(
             "Registered KV cache for GPU ID %d with %d layers",
             request.instance_id,
@@ -168,9 +177,30 @@ class TransferScheduler:
         )
         return instance
 
+    async def _open(self, request: RegisterKVCache) -> host.HostKV | cuda.CudaKV:
+        refs = request.layers
+        if all(isinstance(r, HostTensorRef) for r in refs):
+            host_refs = [r for r in refs if isinstance(r, HostTensorRef)]
+            # Not cancellable: a descriptor opened in the thread is always
+            # handed back, so it is always closed or registered.
+            return await trio.to_thread.run_sync(
+                functools.partial(host.open_host_kv, host_refs, owners=self.shm_owners)
+            )
+        if all(isinstance(r, CudaTensorRef) for r in refs):
+            cuda_refs = [r for r in refs if isinstance(r, CudaTensorRef)]
+            return await trio.to_thread.run_sync(
+                cuda.open_cuda_kv, cuda_refs, self.staging_bytes
+            )
+        raise RegistrationError("KV cache mixes CUDA and host layers")
+
     async def unregister(self, instance_id: int) -> bool:
-        """Wait for the instance's copies, then release everything it held.
-        Returns False (and logs a warning) for an unknown instance."""
+        """Wait for the instance's copies, then release everything it held
+        (every descriptor and mapping). Returns False (and logs a warning)
+        for an unknown instance."""
+        async with self._serialized(instance_id):
+            return await self._unregister(instance_id)
+
+    async def _unregister(self, instance_id: int) -> bool:
         instance = self._instances.get(instance_id)
         if instance is None:
             log.warning("No KV cache found for GPU ID %d to unregister", instance_id)
@@ -183,6 +213,22 @@ class TransferScheduler:
         instance.kv.close()
         log.info("Unregistered KV cache for GPU ID %d", instance_id)
         return True
+
+    @contextlib.asynccontextmanager
+    async def _serialized(self, instance_id: int) -> AsyncIterator[None]:
+        """Hold the per-id registration lock (FIFO); the entry is dropped
+        once nobody holds or waits for it, so ids do not accumulate."""
+        entry = self._registrations.get(instance_id)
+        if entry is None:
+            entry = self._registrations[instance_id] = _IdLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._registrations[instance_id]
 
     def _instance(self, instance_id: int) -> Instance:
         instance = self._instances.get(instance_id)

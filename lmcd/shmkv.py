@@ -13,6 +13,7 @@ PROTOCOL.md); lmcd maps the same file and copies blocks in and out of it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import math
 import mmap
@@ -22,11 +23,25 @@ from typing import Any, Literal
 import attrs
 import msgspec
 
+from lmcd.errors import RegistrationError
 from lmcd.transfer.host import SHM_ROOT, torch_dtype
 from lmcd.transfer.layouts import DTYPE_SIZES
 from lmcd.wire.codec import EXT_HOST_TENSOR
 
 _counter = itertools.count()
+
+
+def _back(fd: int, path: str, nbytes: int) -> None:
+    """Allocate every byte of the file (not a sparse `ftruncate`)."""
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+            raise RegistrationError(
+                f"cannot allocate {nbytes} bytes for {path}: {e.strerror} "
+                f"(is {os.path.dirname(path)} full?)"
+            ) from e
+        raise RegistrationError(f"cannot allocate {path}: {e.strerror}") from e
 
 
 @attrs.define(eq=False)
@@ -52,9 +67,17 @@ class SharedKVCache:
         dim: int = 576,
         dtype: str = "bfloat16",
         name: str = "kv",
+        shm_dir: str = SHM_ROOT,
     ) -> SharedKVCache:
         """Create the file and tensors (zero-filled). `num_heads`/`head_size`
-        are for MHA, `dim` for MLA."""
+        are for MHA, `dim` for MLA; `name` must be letters, digits, ".", "_"
+        or "-" (lmcd registers only `lmcd-*` names).
+
+        Every page of the file is allocated here (`posix_fallocate`), never
+        left sparse: a sparse page that a full tmpfs cannot back later would
+        fail a copy (and kill any process that touches it through a map).
+        Raises `RegistrationError` when the tmpfs has no room for the file.
+        """
         import torch
 
         if kind == "mha":
@@ -62,13 +85,18 @@ class SharedKVCache:
         else:
             shape = (num_blocks, block_size, dim)
         layer_bytes = math.prod(shape) * DTYPE_SIZES[dtype]
-        path = f"{SHM_ROOT}/lmcd-{name}-{os.getpid()}-{next(_counter)}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        total = layer_bytes * num_layers
+        path = f"{shm_dir}/lmcd-{name}-{os.getpid()}-{next(_counter)}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, layer_bytes * num_layers)
-            m = mmap.mmap(fd, layer_bytes * num_layers)
-        finally:
+            _back(fd, path, total)
+            m = mmap.mmap(fd, total)
+        except BaseException:
             os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise
+        os.close(fd)
         flat = torch.frombuffer(m, dtype=torch.uint8)
         layers = [
             flat[i * layer_bytes : (i + 1) * layer_bytes]

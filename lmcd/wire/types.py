@@ -89,12 +89,19 @@ class CudaTensorRef:
 
 @attrs.frozen
 class HostTensorRef:
-    """A tensor in a shared-memory file (lmcd's extension code 2)."""
+    """A tensor in a shared-memory file (lmcd's extension code 2, or an
+    lmcache 0.5 `cpu_shm` descriptor).
+
+    `path` is `/dev/shm/<name>`; `offset` is in bytes (for lmcache:
+    `storage_offset * itemsize`); `stride` is in elements, None meaning
+    row-major contiguous (the host path accepts only contiguous strides).
+    """
 
     path: str
     offset: int
     shape: tuple[int, ...]
     dtype: str
+    stride: tuple[int, ...] | None = None
 
 
 TensorRef: TypeAlias = CudaTensorRef | HostTensorRef
