@@ -112,9 +112,13 @@ class TransferScheduler:
     staging_bytes: int = cuda.DEFAULT_STAGING_BYTES
     # uids whose /dev/shm files may be registered (None: any); --shm-owners.
     shm_owners: frozenset[int] | None = None
+    # Shared-memory files held open at once, over all registrations (each is
+    # a descriptor); None: `host.default_file_limit()`.
+    shm_file_limit: int | None = None
     _limiter: trio.CapacityLimiter = attrs.field(init=False)
     _instances: dict[int, Instance] = attrs.field(factory=dict, init=False)
     _registrations: dict[int, _IdLock] = attrs.field(factory=dict, init=False)
+    _shm_files: int = attrs.field(default=0, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -159,11 +163,17 @@ class TransferScheduler:
                     "GPU ID %d registered again; replacing", request.instance_id
                 )
                 await self._unregister(request.instance_id)
-            kv = await self._open(request)
+            reserved = self._reserve_files(request)
+            try:
+                kv = await self._open(request)
+            finally:
+                self._shm_files -= reserved
+            if isinstance(kv, host.HostKV):
+                self._shm_files += len(kv.files)
             try:
                 blocks = kv.layout.blocks_per_chunk(self.chunk_size)
             except RegistrationError:
-                kv.close()
+                self._close(kv)
                 raise
             kind: Literal["cuda", "host"] = (
                 "host" if isinstance(kv, host.HostKV) else "cuda"
@@ -176,6 +186,26 @@ class TransferScheduler:
             kv.layout.num_layers,
         )
         return instance
+
+    def _reserve_files(self, request: RegisterKVCache) -> int:
+        """Count the request's shared-memory files against the limit before
+        opening them (so concurrent REGISTERs cannot overshoot it)."""
+        wanted = len({r.path for r in request.layers if isinstance(r, HostTensorRef)})
+        limit = self.shm_file_limit
+        if limit is None:
+            limit = host.default_file_limit()
+        if wanted and self._shm_files + wanted > limit:
+            raise RegistrationError(
+                f"{wanted} more shared-memory files would exceed the limit of "
+                f"{limit} open at once ({self._shm_files} are)"
+            )
+        self._shm_files += wanted
+        return wanted
+
+    def _close(self, kv: host.HostKV | cuda.CudaKV) -> None:
+        if isinstance(kv, host.HostKV):
+            self._shm_files -= len(kv.files)
+        kv.close()
 
     async def _open(self, request: RegisterKVCache) -> host.HostKV | cuda.CudaKV:
         refs = request.layers
@@ -210,7 +240,7 @@ class TransferScheduler:
             await instance.idle.wait()
         if self._instances.get(instance_id) is instance:
             del self._instances[instance_id]
-        instance.kv.close()
+        self._close(instance.kv)
         log.info("Unregistered KV cache for GPU ID %d", instance_id)
         return True
 

@@ -514,3 +514,66 @@ def test_shared_kv_cache_on_a_full_tmpfs_fails_clearly(tmp_path: Path) -> None:
         assert info.value.__cause__ is not None
         assert info.value.__cause__.errno == errno.ENOSPC  # type: ignore[attr-defined]
         assert os.listdir(shm_dir) == [], "the failed file was left behind"
+
+
+def test_the_checked_file_is_the_one_copied_even_if_the_name_changes(
+    shm: Callable[[str], Path],
+) -> None:
+    # After REGISTER the name means nothing: the daemon copies through the
+    # descriptor it checked, so putting another file under the name (one
+    # that would fail the checks, say) gives a client nothing new to reach.
+    target = shm("lmcd-renamed-")
+    make_file(target)
+    kv = host.open_host_kv(refs(str(target)))
+    try:
+        swapped = shm("lmcd-swapped-")
+        make_file(swapped, seed=1)
+        os.rename(swapped, target)  # the name is now another file
+        before = target.read_bytes()
+        buf = chunk(kv, 1)
+        buf.fill_(0x5A)
+        host.scatter(kv, [([2], buf)])
+        assert target.read_bytes() == before, "the copy followed the name"
+    finally:
+        kv.close()
+
+
+# -- registrations (scheduler) ------------------------------------------------------
+
+
+def _scheduler(**kw: Any) -> Any:
+    import time
+
+    from lmcd.scheduler import TransferScheduler
+    from lmcd.storage import StorageManager
+    from lmcd_backends.pinned_cpu import PinnedCpuTier
+
+    tier = PinnedCpuTier(1 << 20, segment_bytes=1 << 20, pin=False)
+    storage = StorageManager(tier=tier, clock=time.monotonic)
+    return TransferScheduler(storage, 16, **kw)
+
+
+async def test_registrations_hold_at_most_the_file_limit(
+    shm: Callable[[str], Path],
+) -> None:
+    from lmcd.wire.types import RegisterKVCache
+
+    def two_files() -> tuple[HostTensorRef, ...]:
+        paths = [shm("lmcd-limit-"), shm("lmcd-limit-")]
+        for p in paths:
+            make_file(p)
+        return tuple(HostTensorRef(str(p), 0, SHAPE, "float16") for p in paths)
+
+    scheduler = _scheduler(shm_file_limit=3)
+    before = open_fds()
+    a, b = two_files(), two_files()
+    await scheduler.register(RegisterKVCache(1, a))
+    with pytest.raises(RegistrationError, match="limit of 3"):
+        await scheduler.register(RegisterKVCache(2, b))
+    assert open_fds() == before + 2
+    await scheduler.register(RegisterKVCache(1, b))  # a replacement fits
+    assert open_fds() == before + 2
+    assert await scheduler.unregister(1)
+    await scheduler.register(RegisterKVCache(2, a))
+    assert await scheduler.unregister(2)
+    assert open_fds() == before

@@ -28,6 +28,7 @@ import errno
 import math
 import os
 import re
+import resource
 import stat
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -65,6 +66,17 @@ def torch_dtype(name: str) -> Any:
     if not isinstance(dtype, torch.dtype):
         raise RegistrationError(f"unknown torch dtype {name!r}")
     return dtype
+
+
+def default_file_limit() -> int:
+    """How many shared-memory files registrations may hold open at once:
+    three quarters of the soft open-file limit, so that a client that
+    registers many files cannot take the descriptors that new connections
+    and the daemon itself need."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(1, soft * 3 // 4)
 
 
 def shm_file_name(path: str, shm_dir: str = SHM_ROOT) -> str:
