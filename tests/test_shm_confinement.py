@@ -577,3 +577,46 @@ async def test_registrations_hold_at_most_the_file_limit(
     await scheduler.register(RegisterKVCache(2, a))
     assert await scheduler.unregister(2)
     assert open_fds() == before
+
+
+# -- --shm-owners --------------------------------------------------------------------
+
+
+def test_shm_owners_parses_numeric_uids() -> None:
+    from lmcd.config import Config, parse_uids
+
+    assert parse_uids("0") == frozenset({0})
+    assert parse_uids(" 0, 1000 ,1000") == frozenset({0, 1000})
+    assert Config(shm_owners=parse_uids("7")).shm_owners == frozenset({7})
+    assert Config().shm_owners is None  # default: any owner
+
+
+@pytest.mark.parametrize("value", ["", "root", "1,,2", "-1", "1.5", "٣", "4294967296"])
+def test_bad_shm_owners_exit_2_with_one_line(value: str) -> None:
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "lmcd", "serve", "--shm-owners", value],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--shm-owners" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_help_lists_shm_owners() -> None:
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "lmcd", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert "--shm-owners" in result.stdout
