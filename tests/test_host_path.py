@@ -196,6 +196,13 @@ def wait_logged(server: Server, since: int, text: str, timeout: float = 10.0) ->
         time.sleep(0.02)
 
 
+def failed_requests(server: Server) -> int:
+    from lmcd.client import Client
+
+    with Client("127.0.0.1", server.port) as c:
+        return int(c.stats()["failed_requests"])
+
+
 def daemon_fds(server: Server) -> int:
     return len(os.listdir(f"/proc/{server.proc.pid}/fd"))
 
@@ -417,9 +424,11 @@ def test_file_truncated_after_registration_fails_copies_not_the_daemon(
         assert call(client, "STORE", [ks, instance, ids, EVENT]) == (EVENT, True)
         os.truncate(kv.path, 4096)  # the client breaks its own KV cache
         since = len(server.lines)
+        failed = failed_requests(server)
         more = [key(2, model=f"shrunk{instance}")]
         assert call(client, "STORE", [more, instance, ids, EVENT]) == (EVENT, False)
         assert call(client, "RETRIEVE", [ks, instance, ids, EVENT]) == (EVENT, [False])
+        assert failed_requests(server) == failed + 2
         wait_logged(server, since, "Store failed: store copy failed: ")
         wait_logged(server, since, "Retrieve failed: retrieve copy failed: ")
         assert "shrank to 4096 bytes" in "".join(server.lines[since:])
