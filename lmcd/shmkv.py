@@ -24,7 +24,7 @@ import attrs
 import msgspec
 
 from lmcd.errors import RegistrationError
-from lmcd.transfer.host import SHM_ROOT, torch_dtype
+from lmcd.transfer.host import SHM_ROOT, shm_file_name, torch_dtype
 from lmcd.transfer.layouts import DTYPE_SIZES
 from lmcd.wire.codec import EXT_HOST_TENSOR
 
@@ -76,7 +76,8 @@ class SharedKVCache:
         Every page of the file is allocated here (`posix_fallocate`), never
         left sparse: a sparse page that a full tmpfs cannot back later would
         fail a copy (and kill any process that touches it through a map).
-        Raises `RegistrationError` when the tmpfs has no room for the file.
+        Raises `RegistrationError` for a `name` lmcd would refuse and when
+        the tmpfs has no room for the file.
         """
         import torch
 
@@ -87,6 +88,7 @@ class SharedKVCache:
         layer_bytes = math.prod(shape) * DTYPE_SIZES[dtype]
         total = layer_bytes * num_layers
         path = f"{shm_dir}/lmcd-{name}-{os.getpid()}-{next(_counter)}"
+        shm_file_name(path, shm_dir)  # a name lmcd will accept, or raise now
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             _back(fd, path, total)

@@ -498,6 +498,13 @@ def test_shared_kv_cache_files_are_fully_backed() -> None:
         assert st.st_blocks * 512 >= st.st_size > 0
 
 
+def test_shared_kv_cache_refuses_names_lmcd_would_refuse() -> None:
+    with pytest.raises(RegistrationError, match="not a registrable"):
+        SharedKVCache.create(
+            "mla", num_layers=1, num_blocks=1, block_size=1, name="../x"
+        )
+
+
 @root_only
 def test_shared_kv_cache_on_a_full_tmpfs_fails_clearly(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "small", "256k") as shm_dir:
