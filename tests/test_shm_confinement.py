@@ -232,6 +232,16 @@ def test_symlink_out_of_shm_is_refused(
         host.open_host_kv(refs(path))
 
 
+@pytest.mark.parametrize("offset", [-2, 1, LAYER_BYTES + 2])
+def test_offsets_must_be_aligned_and_inside(
+    offset: int, shm: Callable[[str], Path]
+) -> None:
+    target = shm("lmcd-offset-")
+    make_file(target)
+    with pytest.raises(RegistrationError, match="do not fit"):
+        host.open_host_kv([HostTensorRef(str(target), offset, SHAPE, "float16")])
+
+
 def test_a_good_file_opens_once_for_all_its_layers(shm: Callable[[str], Path]) -> None:
     target = shm("lmcd-good-")
     make_file(target)

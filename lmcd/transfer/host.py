@@ -265,7 +265,7 @@ def _check_opened(
 
 def _check_fits(f: ShmFile, ref: HostTensorRef, nbytes: int, itemsize: int) -> None:
     size = os.fstat(f.fd).st_size
-    if ref.offset % itemsize or ref.offset + nbytes > size:
+    if ref.offset < 0 or ref.offset % itemsize or ref.offset + nbytes > size:
         raise RegistrationError(
             f"{f.name}: {nbytes} bytes at offset {ref.offset} do not fit "
             f"a {size}-byte file (or the offset is misaligned)"
