@@ -134,6 +134,12 @@ def test_other_names_are_refused(path: str) -> None:
         host.shm_file_name(path)
 
 
+def test_a_long_path_is_cut_short_in_the_error() -> None:
+    with pytest.raises(RegistrationError) as info:
+        host.shm_file_name("/dev/shm/" + "x" * 1_000_000)
+    assert len(str(info.value)) < 300
+
+
 # -- files: each refused case would open fine but for the defence named ------
 
 

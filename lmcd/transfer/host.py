@@ -91,16 +91,24 @@ def shm_file_name(path: str, shm_dir: str = SHM_ROOT) -> str:
     """
     prefix = shm_dir.rstrip("/") + "/"
     if not path.startswith(prefix):
-        raise RegistrationError(f"host KV cache {path!r} is not a file in {shm_dir}")
+        raise RegistrationError(
+            f"host KV cache {_shown(path)} is not a file in {shm_dir}"
+        )
     name = path[len(prefix) :]
     if name.startswith("/"):
         name = name[1:]
     if not any(p.fullmatch(name) for p in _NAME_PATTERNS):
         raise RegistrationError(
-            f"host KV cache {path!r} is not a registrable shared-memory name "
-            f"(a file directly in {shm_dir} named {NAME_PATTERNS_TEXT})"
+            f"host KV cache {_shown(path)} is not a registrable shared-memory "
+            f"name (a file directly in {shm_dir} named {NAME_PATTERNS_TEXT})"
         )
     return name
+
+
+def _shown(path: str) -> str:
+    """A client's path for a log line: quoted, escaped and at most ~100
+    characters (the codec does not bound its length)."""
+    return repr(path) if len(path) <= 100 else repr(path[:100]) + "..."
 
 
 @attrs.define(slots=True)
@@ -214,13 +222,14 @@ def check_contiguous(ref: HostTensorRef) -> None:
         return
     if len(ref.stride) != len(ref.shape):
         raise RegistrationError(
-            f"{ref.path!r}: {len(ref.stride)} strides for a {len(ref.shape)}-d shape"
+            f"{_shown(ref.path)}: {len(ref.stride)} strides for a "
+            f"{len(ref.shape)}-d shape"
         )
     expected = 1
     for size, stride in zip(reversed(ref.shape), reversed(ref.stride), strict=True):
         if size != 1 and stride != expected:
             raise RegistrationError(
-                f"{ref.path!r}: strides {list(ref.stride)} of shape "
+                f"{_shown(ref.path)}: strides {list(ref.stride)} of shape "
                 f"{list(ref.shape)} are not contiguous; only contiguous host "
                 "tensors are supported"
             )
