@@ -514,6 +514,79 @@ def test_shared_kv_cache_files_are_fully_backed() -> None:
         assert st.st_blocks * 512 >= st.st_size > 0
 
 
+@pytest.mark.parametrize("file_per_layer", [False, True])
+def test_shared_kv_cache_round_trips_through_the_host_path(
+    file_per_layer: bool,
+) -> None:
+    import msgspec
+
+    with SharedKVCache.create(
+        "mha",
+        num_layers=3,
+        num_blocks=8,
+        block_size=4,
+        num_heads=2,
+        head_size=8,
+        dtype="float16",
+        file_per_layer=file_per_layer,
+    ) as kv:
+        assert len(kv.paths) == (3 if file_per_layer else 1)
+        for layer in kv.layers:
+            layer.view(torch.int16).random_()
+        refs = [
+            HostTensorRef(**{**msgspec.msgpack.decode(e.data), "shape": kv.shape})
+            for e in kv.register_payload()
+        ]
+        opened = host.open_host_kv(refs)
+        try:
+            assert len(opened.files) == len(kv.paths)
+            buf = chunk(opened, 2)
+            host.gather(opened, [([1, 2], buf)])
+            host.scatter(opened, [([6, 7], buf)])
+            for layer in kv.layers:
+                bits = layer.view(torch.int16)
+                assert torch.equal(bits[:, 1:3], bits[:, 6:8])
+        finally:
+            opened.close()
+    assert not any(os.path.exists(p) for p in kv.paths)
+
+
+def test_copies_split_over_threads_are_bit_exact(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import msgspec
+
+    monkeypatch.setattr(host, "COPY_THREADS", 3)
+    with SharedKVCache.create(
+        "mla",
+        num_layers=5,
+        num_blocks=16,
+        block_size=4,
+        dim=32,
+        dtype="float16",
+        file_per_layer=True,
+    ) as kv:
+        for layer in kv.layers:
+            layer.view(torch.int16).random_()
+        refs = [
+            HostTensorRef(**{**msgspec.msgpack.decode(e.data), "shape": kv.shape})
+            for e in kv.register_payload()
+        ]
+        opened = host.open_host_kv(refs)
+        try:
+            bufs = [chunk(opened, 2) for _ in range(3)]
+            host.gather(opened, list(zip([[0, 1], [5, 3], [9, 10]], bufs, strict=True)))
+            back = [[12, 13], [14, 2], [15, 11]]
+            host.scatter(opened, list(zip(back, bufs, strict=True)))
+            for layer in kv.layers:
+                bits = layer.view(torch.int16)
+                assert torch.equal(
+                    bits[[0, 1, 5, 3, 9, 10]], bits[[12, 13, 14, 2, 15, 11]]
+                )
+        finally:
+            opened.close()
+
+
 def test_shared_kv_cache_refuses_names_lmcd_would_refuse() -> None:
     with pytest.raises(RegistrationError, match="not a registrable"):
         SharedKVCache.create(

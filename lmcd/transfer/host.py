@@ -23,6 +23,7 @@ the scheduler hands over; they never touch the storage index.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import errno
 import math
@@ -30,7 +31,8 @@ import os
 import re
 import resource
 import stat
-from collections.abc import Collection, Sequence
+import threading
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import attrs
@@ -321,30 +323,107 @@ def gather(kv: HostKV, chunks: Sequence[tuple[Sequence[int], Any]]) -> None:
     """Copy each chunk's blocks out of the KV cache into its buffer.
 
     `chunks` is `[(block_ids, uint8 buffer)]`; the buffer receives the chunk
-    in `[K, layers, tokens, hidden]` order. Raises `TransferError` when a
-    file is shorter than at registration or a read fails.
+    in `[K, layers, tokens, hidden]` order. The reads are spread over up to
+    `COPY_THREADS` threads (this one included). Raises `TransferError` when
+    a file is shorter than at registration or a read fails.
     """
     kv.check()
-    for block_ids, buffer in chunks:
-        memory = _memory(
-            buffer, kv.layout.chunk_bytes(len(block_ids) * kv.layout.block_size)
-        )
-        for span, file_at, at, size in _plan(kv, block_ids):
-            _read(span.file, memory[at : at + size], file_at)
+    _in_parallel(_copies(kv, chunks), _read, per_file=False)
 
 
 def scatter(kv: HostKV, chunks: Sequence[tuple[Sequence[int], Any]]) -> None:
     """Copy each chunk's buffer into its blocks of the KV cache (reverse of
-    `gather`). Raises `TransferError` when a file is shorter than at
-    registration or a write fails (e.g. ENOSPC on a full tmpfs for a file
-    that is not fully backed)."""
+    `gather`). Writes to one file are serialized by the kernel (the inode
+    lock), so only different files are written in parallel. Raises
+    `TransferError` when a file is shorter than at registration or a write
+    fails (e.g. ENOSPC on a full tmpfs for a file that is not fully backed).
+    """
     kv.check()
+    _in_parallel(_copies(kv, chunks), _write, per_file=True)
+
+
+# One copy: the file, the chunk bytes of the run, the run's offset in the file.
+_Copy = tuple[ShmFile, memoryview, int]
+
+
+def _copies(kv: HostKV, chunks: Sequence[tuple[Sequence[int], Any]]) -> list[_Copy]:
+    copies: list[_Copy] = []
     for block_ids, buffer in chunks:
         memory = _memory(
             buffer, kv.layout.chunk_bytes(len(block_ids) * kv.layout.block_size)
         )
         for span, file_at, at, size in _plan(kv, block_ids):
-            _write(span.file, memory[at : at + size], file_at)
+            copies.append((span.file, memory[at : at + size], file_at))
+    return copies
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# Threads one copy may use. The kernel's copy between the page cache and
+# user memory costs about twice a memcpy per byte with 4 KiB tmpfs pages
+# (per-page work), and scales with threads until memory bandwidth runs out.
+COPY_THREADS = max(1, min(4, _cpus()))
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _helpers() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool  # noqa: PLW0603 - one pool for the process, made on first use
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=max(1, COPY_THREADS - 1), thread_name_prefix="lmcd-copy"
+            )
+        return _pool
+
+
+def _in_parallel(
+    copies: list[_Copy],
+    copy: Callable[[ShmFile, memoryview, int], None],
+    *,
+    per_file: bool,
+) -> None:
+    groups = _split(copies, COPY_THREADS, per_file=per_file)
+    if len(groups) == 1:
+        _run(groups[0], copy)
+        return
+    pool = _helpers()
+    futures = [pool.submit(_run, group, copy) for group in groups[1:]]
+    try:
+        _run(groups[0], copy)
+    finally:
+        # Never return while a helper still copies: the buffers and the
+        # descriptors must outlive every copy.
+        concurrent.futures.wait(futures)
+    for future in futures:
+        future.result()  # the first helper's error, if any
+
+
+def _split(copies: list[_Copy], n: int, *, per_file: bool) -> list[list[_Copy]]:
+    if n <= 1 or len(copies) <= 1:
+        return [copies]
+    if not per_file:
+        return [copies[i::n] for i in range(min(n, len(copies)))]
+    slot: dict[int, int] = {}
+    for f, _, _ in copies:
+        slot.setdefault(id(f), len(slot) % n)
+    if len(slot) <= 1:
+        return [copies]
+    groups: list[list[_Copy]] = [[] for _ in range(min(n, len(slot)))]
+    for c in copies:
+        groups[slot[id(c[0])]].append(c)
+    return groups
+
+
+def _run(copies: list[_Copy], copy: Callable[[ShmFile, memoryview, int], None]) -> None:
+    for f, memory, at in copies:
+        copy(f, memory, at)
 
 
 def _read(f: ShmFile, into: memoryview, at: int) -> None:
