@@ -242,6 +242,9 @@ class Handlers:
         if isinstance(request, QueryLookup):
             # Lookup jobs finish as they start (every tier answers from
             # memory), so a wait never has anything to wait for.
+            if request.peek:
+                job = self.jobs.get(request.request_id)
+                return 0 if job is None else job.hits
             return self.jobs.collect(request.request_id)
         if isinstance(request, FreeLookupLocks):
             self._free_lookup_locks(request.span)
@@ -456,7 +459,12 @@ class Handlers:
                 )
             return None
         if isinstance(request, UnregisterKVCache):
-            await self.scheduler.unregister(request.instance_id)
+            pools = self.pools
+            if pools is not None and pools.registered(request.instance_id):
+                # lmcache 0.4.6 unregisters its engine-driven context so.
+                await pools.unregister(request.instance_id)
+            else:
+                await self.scheduler.unregister(request.instance_id)
             return None
         raise ProtocolError(f"no data-plane handler for {request!r}")
 
