@@ -70,6 +70,10 @@ def serve(
     log_level: Annotated[
         str, typer.Option(help="debug, info, warning or error.")
     ] = "info",
+    port_file: Annotated[
+        str | None,
+        typer.Option(help="Write the bound port here once listening (--port 0)."),
+    ] = None,
 ) -> None:
     """Run the cache daemon (a drop-in for lmcache.v1.multiprocess.server)."""
     import trio
@@ -91,6 +95,7 @@ def serve(
             segment_mb=segment_mb,
             metrics_port=metrics_port,
             disable_lazy_alloc=disable_lazy_alloc,
+            port_file=port_file,
         )
     except ConfigError as e:
         raise _fail(str(e), 2) from None

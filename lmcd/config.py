@@ -27,6 +27,8 @@ class Config:
     shutdown_grace: float = 3.0
     metrics_port: int | None = None
     disable_lazy_alloc: bool = False
+    # Where to write the bound port (for `--port 0`).
+    port_file: str | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.chunk_size <= 0:

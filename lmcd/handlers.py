@@ -21,6 +21,7 @@ import trio
 
 from lmcd import __version__
 from lmcd.errors import LmcdError, ProtocolError, RegistrationError, TransferError
+from lmcd.ratelog import RateLimitedLog
 from lmcd.scheduler import RetrieveJob, StoreJob, TransferScheduler
 from lmcd.storage import StorageManager
 from lmcd.wire import (
@@ -72,6 +73,7 @@ class Handlers:
     _inflight: int = 0
     _log_limit: RateLimitedLog = attrs.field(factory=lambda: RateLimitedLog(log))
     _idle: trio.Event = attrs.field(factory=trio.Event)
+    _closing: bool = False
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -91,6 +93,11 @@ class Handlers:
     def inflight(self) -> int:
         return self._inflight
 
+    def begin_shutdown(self) -> None:
+        """From now on, answer data-plane requests with their failure reply
+        instead of starting them (control-plane ones are still served)."""
+        self._closing = True
+
     # -- entry point from the listener ---------------------------------------
 
     def on_message(self, identity: bytes, frames: list[bytes]) -> None:
@@ -109,6 +116,10 @@ class Handlers:
         name = type(request).__name__
         self.counters.by_type[name] = self.counters.by_type.get(name, 0) + 1
         if isinstance(request, RegisterKVCache | UnregisterKVCache | Store | Retrieve):
+            if self._closing:
+                failed = self._failed(header, f"{name} refused: shutting down")
+                self._reply(identity, header, failed)
+                return
             # Copies are admitted here, in arrival order (validated, memory
             # reserved or pinned, counted in flight), before their task runs:
             # an UNREGISTER that arrives after a STORE then waits for it.
@@ -138,6 +149,22 @@ class Handlers:
         except Exception:  # a bug must not take the listener down
             log.exception("%s crashed", name)
             value = self._failed(header, f"{name} failed with an internal error")
+        self._reply(identity, header, value)
+
+    def on_oversized(self, identity: bytes, frames: list[bytes], what: str) -> None:
+        """A message the listener dropped for its size, with the frames it
+        kept: answered with its type's failure reply if uid and type were
+        kept, counted as malformed either way."""
+        try:
+            header = decode_header(frames)
+        except ProtocolError:
+            self._malformed(f"unanswerable oversized message ({what})")
+            return
+        self.counters.requests += 1
+        self._malformed(f"oversized message ({what})")
+        value = None
+        if header.type is not None:
+            value = failure_reply(header.type, header.payloads)
         self._reply(identity, header, value)
 
     def _reply(self, identity: bytes, header: Header, value: object) -> None:
@@ -272,38 +299,3 @@ class Handlers:
             "instances": [i.describe() for i in self.scheduler.instances()],
             **self.extra_stats(),
         }
-
-
-@attrs.define(slots=True)
-class RateLimitedLog:
-    """Warnings at most `per_second` a second; the rest are counted and the
-    count is reported with the next warning that gets through, so that a
-    flood of bad messages cannot flood the log (every one is still counted
-    in the statistics)."""
-
-    logger: logging.Logger
-    per_second: float = 20.0
-    clock: Callable[[], float] = time.monotonic
-    _tokens: float = attrs.field(init=False)
-    _last: float = attrs.field(default=0.0, init=False)
-    _suppressed: int = attrs.field(default=0, init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self._tokens = self.per_second
-        self._last = self.clock()
-
-    def warning(self, message: str, *args: object) -> None:
-        now = self.clock()
-        self._tokens = min(
-            self.per_second, self._tokens + (now - self._last) * self.per_second
-        )
-        self._last = now
-        if self._tokens < 1:
-            self._suppressed += 1
-            return
-        self._tokens -= 1
-        if self._suppressed:
-            message += " (%d similar warnings suppressed)"
-            args = (*args, self._suppressed)
-            self._suppressed = 0
-        self.logger.warning(message, *args)

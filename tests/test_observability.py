@@ -35,7 +35,6 @@ def busy() -> Iterator[tuple[Server, int]]:
     """A daemon with 10 chunks of room, after a known sequence of requests."""
     import zmq
 
-    metrics_port = free_port()
     # 3 layers x 2 x 256 x 128 x bf16 = 384 KiB a chunk; 4 MiB holds 10.
     s = start_server(
         "--cpu-buffer-size",
@@ -43,8 +42,9 @@ def busy() -> Iterator[tuple[Server, int]]:
         "--segment-mb",
         "4",
         "--metrics-port",
-        str(metrics_port),
+        "0",
     )
+    metrics_port = s.metrics_port
     ctx = zmq.Context()
     c = open_client(s.url, ctx)
     kv = random_kv("mha", num_blocks=16 * 8)
@@ -224,7 +224,7 @@ def test_metrics_port_in_use_is_a_clean_error(server: Server) -> None:
             "--host",
             "127.0.0.1",
             "--port",
-            str(free_port()),
+            "0",
             "--metrics-port",
             str(port),
             "--cpu-buffer-size",
