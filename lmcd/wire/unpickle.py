@@ -119,15 +119,20 @@ def check_opcodes(data: bytes) -> None:
     if len(data) > MAX_PICKLE_BYTES:
         raise ProtocolError(f"pickle is {len(data)} bytes, over {MAX_PICKLE_BYTES}")
     model = _StackModel()
+    end = 0
     try:
-        for op, arg, _pos in pickletools.genops(data):
+        for op, arg, pos in pickletools.genops(data):
             model.step(op.name, arg)
+            end = (pos or 0) + 1
     except ProtocolError:
         raise
     except Exception as e:  # genops raises ValueError and others on bad bytes
         raise ProtocolError(f"malformed pickle: {e}") from e
     if not model.stopped:
         raise ProtocolError("pickle has no STOP")
+    if end != len(data):
+        # genops and the unpickler stop at STOP; nothing may hide behind it.
+        raise ProtocolError(f"pickle has {len(data) - end} bytes after STOP")
 
 
 @attrs.define(slots=True)
