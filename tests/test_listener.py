@@ -251,20 +251,23 @@ async def test_healthz_fails_when_the_loop_stalls_with_work_waiting(
     app = make_app(lambda: {}, listener.healthy)
     async with trio.open_nursery() as nursery:
         await nursery.start(listener.run)
-        await trio.sleep(60)  # idle: the heartbeat keeps the loop's pass fresh
-        assert await _healthz(app) == 200
-        assert listener.statistics().last_pass_age is not None
-        assert listener.statistics().last_pass_age <= HEARTBEAT  # type: ignore[operator]
-        stuck = True
-        await trio.sleep(2 * HEARTBEAT)  # the loop's next wait never returns
-        await trio.sleep(10 * STALL_AFTER)
-        assert await _healthz(app) == 200  # stuck, but nothing is waiting
-        sock = env.dealer()
-        sock.send_multipart([enc(1), enc(8)])
-        assert await _healthz(app) == 503  # stuck with input waiting
-        assert listener.statistics().stalled
-        stuck = False
-        release.set()
+        try:
+            await trio.sleep(60)  # idle: the heartbeat keeps the loop's pass fresh
+            assert await _healthz(app) == 200
+            age = listener.statistics().last_pass_age
+            assert age is not None
+            assert age <= HEARTBEAT
+            stuck = True
+            await trio.sleep(2 * HEARTBEAT)  # the loop's next wait never returns
+            await trio.sleep(10 * STALL_AFTER)
+            assert await _healthz(app) == 200  # stuck, but nothing is waiting
+            sock = env.dealer()
+            sock.send_multipart([enc(1), enc(8)])
+            assert await _healthz(app) == 503  # stuck with input waiting
+            assert listener.statistics().stalled
+        finally:
+            stuck = False
+            release.set()  # else a failed assertion leaves the loop shielded
         await handled.wait()
         assert await _healthz(app) == 200
         nursery.cancel_scope.cancel()

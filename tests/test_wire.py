@@ -428,3 +428,18 @@ def test_array_length_reads_only_the_header(frame: bytes, count: int) -> None:
     from lmcd.wire.codec import array_length
 
     assert array_length(frame) == count
+
+
+def test_recursion_in_any_decoder_is_a_payload_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A decoder of untyped values (lmcache 0.5's maps, say) recurses into
+    whatever it is given; the codec turns that into the failure reply."""
+    from lmcd.wire import codec
+
+    def untyped_lookup(p: list[bytes]) -> Any:
+        return msgspec.msgpack.decode(p[0])
+
+    monkeypatch.setitem(codec._DECODERS, RequestType.LOOKUP, untyped_lookup)
+    err = _payload_error([_enc(1), _enc(5), _DEEP, _enc(True)])
+    assert err.reply == [False]
