@@ -67,6 +67,27 @@ def serve(
     disable_lazy_alloc: Annotated[
         bool, typer.Option(help="Allocate the whole CPU buffer at start-up.")
     ] = False,
+    dialect: Annotated[
+        str,
+        typer.Option(
+            help="Client dialect: auto (detected per connection), "
+            "lmcache-0.3 or lmcache-0.5."
+        ),
+    ] = "auto",
+    worker_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds after which a silent heartbeat client (lmcache 0.4+) "
+            "is unregistered."
+        ),
+    ] = 120.0,
+    pool_size: Annotated[
+        int,
+        typer.Option(
+            help="Shared-memory pool of each engine-driven worker (lmcache 0.4.7+ "
+            "CPU workers), in MiB, fully backed in /dev/shm; 0 refuses that mode."
+        ),
+    ] = 1024,
     log_level: Annotated[
         str, typer.Option(help="debug, info, warning or error.")
     ] = "info",
@@ -95,6 +116,9 @@ def serve(
             segment_mb=segment_mb,
             metrics_port=metrics_port,
             disable_lazy_alloc=disable_lazy_alloc,
+            dialect=dialect,
+            worker_timeout=worker_timeout,
+            pool_mb=pool_size,
             port_file=port_file,
         )
     except ConfigError as e:

@@ -6,6 +6,7 @@ import attrs
 
 from lmcd.errors import ConfigError
 from lmcd.transfer.cuda import DEFAULT_STAGING_BYTES
+from lmcd.wire.registry import dialects_for
 from lmcd_backends.pinned_cpu import DEFAULT_SEGMENT_BYTES
 
 GiB = 1 << 30
@@ -27,6 +28,13 @@ class Config:
     shutdown_grace: float = 3.0
     metrics_port: int | None = None
     disable_lazy_alloc: bool = False
+    dialect: str = "auto"
+    worker_timeout: float = 120.0
+    # A heartbeat client that never pinged is reaped only after this long
+    # (lmcache's registration grace).
+    registration_grace: float = 3600.0
+    # Each engine-driven worker's shared-memory pool (MiB); 0 refuses that mode.
+    pool_mb: int = 1024
     # Where to write the bound port (for `--port 0`).
     port_file: str | None = None
 
@@ -49,12 +57,25 @@ class Config:
             raise ConfigError(f"--lock-ttl must be > 0 (got {self.lock_ttl})")
         if self.staging_mb < 1 or self.segment_mb < 1:
             raise ConfigError("--staging-mb and --segment-mb must be >= 1")
+        if not 0 < self.worker_timeout < float("inf"):
+            raise ConfigError(
+                f"--worker-timeout must be > 0 seconds (got {self.worker_timeout})"
+            )
+        if not 0 <= self.pool_mb <= 1 << 20:
+            raise ConfigError(
+                f"--pool-size must be 0..{1 << 20} MiB (got {self.pool_mb})"
+            )
+        dialects_for(self.dialect)  # raises ConfigError for an unknown name
         if self.buffer_bytes < 4096:
             raise ConfigError("--cpu-buffer-size is smaller than one 4 KiB page")
 
     @property
     def buffer_bytes(self) -> int:
         return int(self.cpu_buffer_size * GiB)
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.pool_mb * MiB
 
     @property
     def staging_bytes(self) -> int:

@@ -5,6 +5,7 @@
                                  |-- listener   ZMQ ROUTER <-> frames
                                  |-- handlers   inline control plane, a task per copy
                                  |-- scheduler  in-flight copies and completions
+                                 |-- pools      engine-driven workers' shm pools
                                  `-- storage    index, locks, LRU over a tier
 
 Shutdown (SIGINT/SIGTERM): answer what the socket already holds (control
@@ -27,11 +28,16 @@ import trio
 
 from lmcd import __version__
 from lmcd.config import Config
+from lmcd.enginepool import EnginePools
 from lmcd.errors import ConfigError
 from lmcd.handlers import Handlers
 from lmcd.listener import Listener
+from lmcd.lookups import LookupJobs, Sessions
 from lmcd.scheduler import TransferScheduler
 from lmcd.storage import StorageManager
+from lmcd.tokens import TokenHasher
+from lmcd.wire.detect import DialectRouter
+from lmcd.wire.registry import dialects_for
 from lmcd_backends.pinned_cpu import PinnedCpuTier
 
 log = logging.getLogger(__name__)
@@ -44,6 +50,7 @@ class Daemon:
     config: Config
     storage: StorageManager = attrs.field(init=False)
     scheduler: TransferScheduler = attrs.field(init=False)
+    pools: EnginePools = attrs.field(init=False)
     handlers: Handlers = attrs.field(init=False)
     listener: Listener = attrs.field(init=False)
 
@@ -56,6 +63,16 @@ class Daemon:
         self.scheduler = TransferScheduler(
             self.storage, cfg.chunk_size, cfg.max_workers, cfg.staging_bytes
         )
+        sessions = Sessions(TokenHasher(cfg.chunk_size), time.monotonic)
+        self.pools = EnginePools(
+            self.storage,
+            sessions,
+            cfg.chunk_size,
+            cfg.pool_bytes,
+            cfg.max_workers,
+            clock=time.monotonic,
+        )
+        self.scheduler.peers.append(self.pools)
         self.listener = Listener(
             cfg.host, cfg.port, self._on_message, on_oversized=self._on_oversized
         )
@@ -64,7 +81,11 @@ class Daemon:
             self.scheduler,
             cfg.chunk_size,
             self.listener.send,
+            DialectRouter(dialects_for(cfg.dialect)),
+            sessions,
+            LookupJobs(time.monotonic),
             extra_stats=self._extra_stats,
+            pools=self.pools,
         )
 
     def _on_message(self, identity: bytes, frames: list[bytes]) -> None:
@@ -92,6 +113,7 @@ class Daemon:
                 "stalled": ls.stalled,
                 "dropped_replies_by_client": dict(ls.drops_by_client),
             },
+            "engine_pools": self.pools.statistics(),
         }
 
     async def run(
@@ -120,8 +142,10 @@ class Daemon:
             with signals as received:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.scheduler.run)
+                    await nursery.start(self.pools.serve)
                     await nursery.start(self.handlers.run)
                     await nursery.start(self.listener.run)
+                    nursery.start_soon(self._reap_silent_workers)
                     if self.config.metrics_port is not None:
                         await self._start_metrics(nursery)
                     # Start-up objects (torch, modules) live for good: keep
@@ -150,6 +174,38 @@ class Daemon:
         finally:
             self.listener.close()
             log.info("lmcd stopped")
+
+    async def _reap_silent_workers(self) -> None:
+        """Close the registrations of heartbeat clients (lmcache 0.4+) that
+        went silent: a worker that died without unregistering must not hold
+        its shared memory and descriptors for ever (LMCache #3206). That
+        includes engine-driven workers, whose pools are removed."""
+        cfg = self.config
+        period = min(10.0, cfg.worker_timeout / 4)
+        while True:
+            await trio.sleep(period)
+            now = time.monotonic()
+            for instance_id in self.scheduler.silent_instances(
+                now, cfg.worker_timeout, cfg.registration_grace
+            ):
+                log.warning(
+                    "Worker %d silent for over %.0f s; unregistering it",
+                    instance_id,
+                    cfg.worker_timeout,
+                )
+                self.handlers.counters.reaped_workers += 1
+                await self.scheduler.unregister(instance_id)
+            for instance_id in self.pools.silent_instances(
+                now, cfg.worker_timeout, cfg.registration_grace
+            ):
+                log.warning(
+                    "Engine-driven worker %d silent for over %.0f s; "
+                    "unregistering it and removing its pool",
+                    instance_id,
+                    cfg.worker_timeout,
+                )
+                self.handlers.counters.reaped_workers += 1
+                await self.pools.unregister(instance_id)
 
     async def _start_metrics(self, nursery: trio.Nursery) -> None:
         from lmcd import metrics

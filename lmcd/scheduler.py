@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import attrs
 import trio
@@ -25,6 +25,7 @@ from lmcd.transfer import cuda, host
 from lmcd.transfer.layouts import KVLayout, chunk_block_ids
 from lmcd.wire.types import (
     CacheKey,
+    CopyResult,
     CudaTensorRef,
     HostTensorRef,
     RegisterKVCache,
@@ -39,6 +40,15 @@ _POLL_MIN = 0.0002
 _POLL_MAX = 0.005
 
 
+class EngineRegistry(Protocol):
+    """Engines registered outside the scheduler (lmcd.enginepool's
+    engine-driven workers): they count for `serves` and take heartbeats."""
+
+    def serves(self, model_name: str, world_size: int) -> bool: ...
+
+    def touch(self, instance_id: int) -> bool: ...
+
+
 @attrs.define(slots=True, eq=False)
 class Instance:
     """One registered KV cache (one vLLM worker)."""
@@ -47,6 +57,13 @@ class Instance:
     kind: Literal["cuda", "host"]
     kv: host.HostKV | cuda.CudaKV
     blocks_per_chunk: int
+    model_name: str | None = None
+    world_size: int | None = None
+    # Heartbeat-era clients (lmcache 0.4+) ping; one that goes silent is
+    # reaped. `pinged`: it has pinged at least once (lmcache's reap rule).
+    heartbeat: bool = False
+    pinged: bool = False
+    last_seen: float = attrs.field(factory=time.monotonic)
     inflight: int = 0
     closing: bool = False
     idle: trio.Event = attrs.field(factory=trio.Event)
@@ -60,6 +77,8 @@ class Instance:
         return {
             "instance_id": self.instance_id,
             "kind": self.kind,
+            "model_name": self.model_name,
+            "world_size": self.world_size,
             "layout": layout.kind,
             "layers": layout.num_layers,
             "dtype": layout.dtype,
@@ -103,6 +122,7 @@ class TransferScheduler:
     _limiter: trio.CapacityLimiter = attrs.field(init=False)
     _instances: dict[int, Instance] = attrs.field(factory=dict, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+    peers: list[EngineRegistry] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._limiter = trio.CapacityLimiter(self.max_workers)
@@ -159,7 +179,21 @@ class TransferScheduler:
         except RegistrationError:
             kv.close()
             raise
-        instance = Instance(request.instance_id, kind, kv, blocks)
+        if len(request.groups) > 1:
+            kv.close()
+            raise RegistrationError(
+                f"{len(request.groups)} KV-cache groups; lmcd serves engines "
+                "whose layers form one group (standard attention models)"
+            )
+        instance = Instance(
+            request.instance_id,
+            kind,
+            kv,
+            blocks,
+            model_name=request.model_name,
+            world_size=request.world_size,
+            heartbeat=request.refresh,
+        )
         self._instances[request.instance_id] = instance
         log.info(
             "Registered KV cache for GPU ID %d with %d layers",
@@ -184,11 +218,49 @@ class TransferScheduler:
         log.info("Unregistered KV cache for GPU ID %d", instance_id)
         return True
 
-    def _instance(self, instance_id: int) -> Instance:
+    def instance(self, instance_id: int) -> Instance:
+        """The registered instance (its last activity refreshed). Raises
+        `TransferError` for an unknown or closing one."""
         instance = self._instances.get(instance_id)
         if instance is None or instance.closing:
             raise TransferError(f"no KV cache registered for GPU ID {instance_id}")
+        instance.last_seen = time.monotonic()
         return instance
+
+    def touch(self, instance_id: int) -> bool:
+        """A heartbeat from `instance_id`; False if it is not registered."""
+        instance = self._instances.get(instance_id)
+        if instance is None or instance.closing:
+            return False
+        instance.last_seen = time.monotonic()
+        instance.pinged = True
+        return True
+
+    def heartbeat(self, instance_id: int) -> bool:
+        """A ping from `instance_id`, whichever registry holds it (`touch`
+        only refreshes the scheduler's own KV caches)."""
+        found = self.touch(instance_id)
+        for peer in self.peers:
+            found = peer.touch(instance_id) or found
+        return found
+
+    def serves(self, model_name: str, world_size: int) -> bool:
+        """Whether some registered engine runs this model at this world size."""
+        return any(
+            i.model_name == model_name and i.world_size == world_size
+            for i in self._instances.values()
+        ) or any(p.serves(model_name, world_size) for p in self.peers)
+
+    def silent_instances(self, now: float, timeout: float, grace: float) -> list[int]:
+        """Heartbeat clients silent for longer than `timeout` (after their
+        first ping) or `grace` (never pinged): the ones to reap."""
+        return [
+            i.instance_id
+            for i in self._instances.values()
+            if i.heartbeat
+            and not i.closing
+            and now - i.last_seen > (timeout if i.pinged else grace)
+        ]
 
     def _plan(
         self, instance: Instance, keys: Sequence[CacheKey], block_ids: Sequence[int]
@@ -211,21 +283,28 @@ class TransferScheduler:
 
     # -- store ---------------------------------------------------------------
 
-    def admit_store(self, request: Store) -> StoreJob:
+    def admit_store(self, request: Store, all_or_nothing: bool = False) -> StoreJob:
         """Admit a STORE in arrival order (synchronously, on the Trio thread):
         validate it, reserve its chunks and count it in flight, so that an
-        UNREGISTER that arrives after it waits for it.
+        UNREGISTER that arrives after it waits for it. `all_or_nothing`: a
+        STORE that cannot reserve every chunk reserves none.
 
-        Raises `TransferError` for an unknown instance or bad block ids, and
-        `ValueError` for a chunk that can never fit the buffer.
+        Raises `TransferError` for an unknown instance, bad block ids or (all
+        or nothing) a full buffer, and `ValueError` for a chunk that can
+        never fit the buffer.
         """
         started = time.perf_counter()
-        instance = self._instance(request.instance_id)
+        instance = self.instance(request.instance_id)
         plan = self._plan(instance, request.keys, request.block_ids)
         layout = instance.layout
         reservation = self.storage.reserve(
             request.keys, layout.chunk_bytes(self.chunk_size), layout.tag
         )
+        if all_or_nothing and not reservation.ok:
+            self.storage.abort(reservation)
+            raise TransferError(
+                f"no room for {reservation.refused} of {len(request.keys)} chunks"
+            )
         chunks = [
             (plan[i], self.storage.buffer(entry))
             for i, entry in zip(reservation.indices, reservation.entries, strict=True)
@@ -234,21 +313,20 @@ class TransferScheduler:
             self._begin(instance)
         return StoreJob(instance, request, reservation, chunks, started)
 
-    async def run_store(self, job: StoreJob) -> list[object]:
-        """Copy an admitted STORE's chunks and commit them once copied;
-        returns the reply, `[event_handle, ok]`.
+    async def run_store(self, job: StoreJob) -> CopyResult:
+        """Copy an admitted STORE's chunks and commit them once copied.
 
         Raises `TransferError` when the copy fails (its chunks are dropped).
         """
         instance, request, reservation = job.instance, job.request, job.reservation
         if not job.chunks:
-            return [request.event_handle, reservation.ok]
+            return CopyResult(reservation.ok)
         try:
             if isinstance(instance.kv, host.HostKV):
                 await trio.to_thread.run_sync(
                     host.gather, instance.kv, job.chunks, limiter=self._limiter
                 )
-                reply: list[object] = [request.event_handle, reservation.ok]
+                reply = CopyResult(reservation.ok)
                 done = None
             else:
                 done, keep = await trio.to_thread.run_sync(
@@ -259,7 +337,7 @@ class TransferScheduler:
                     self.chunk_size,
                     limiter=self._limiter,
                 )
-                reply = [bytes(done.ipc_handle()), reservation.ok]
+                reply = CopyResult(reservation.ok, bytes(done.ipc_handle()))
         except BaseException as e:
             self.storage.abort(reservation)
             self._end(instance)
@@ -313,7 +391,7 @@ class TransferScheduler:
         Raises `TransferError` for an unknown instance or bad block ids.
         """
         started = time.perf_counter()
-        instance = self._instance(request.instance_id)
+        instance = self.instance(request.instance_id)
         plan = self._plan(instance, request.keys, request.block_ids)
         layout = instance.layout
         pin = self.storage.pin(
@@ -324,25 +402,24 @@ class TransferScheduler:
             self._begin(instance)
         return RetrieveJob(instance, request, pin, chunks, started)
 
-    async def run_retrieve(self, job: RetrieveJob) -> list[object]:
+    async def run_retrieve(self, job: RetrieveJob) -> CopyResult:
         """Copy an admitted RETRIEVE's chunks into their blocks, then unpin;
-        returns the reply, `[event_handle, found]` (true for the leading
-        chunks copied).
+        the result counts the leading chunks copied.
 
         Raises `TransferError` when the copy fails.
         """
         instance, request, pin = job.instance, job.request, job.pin
         n = len(job.chunks)
-        found = [True] * n + [False] * (len(request.keys) - n)
+        found = CopyResult(n == len(request.keys), None, n)
         if not n:
-            return [request.event_handle, found]
+            return found
         try:
             if isinstance(instance.kv, host.HostKV):
                 await trio.to_thread.run_sync(
                     host.scatter, instance.kv, job.chunks, limiter=self._limiter
                 )
                 done = None
-                reply: list[object] = [request.event_handle, found]
+                reply = found
             else:
                 done, keep = await trio.to_thread.run_sync(
                     cuda.retrieve,
@@ -352,7 +429,7 @@ class TransferScheduler:
                     self.chunk_size,
                     limiter=self._limiter,
                 )
-                reply = [bytes(done.ipc_handle()), found]
+                reply = CopyResult(found.ok, bytes(done.ipc_handle()), n)
         except BaseException as e:
             self.storage.unpin(pin, completed=False)
             self._end(instance)

@@ -24,7 +24,7 @@ import msgspec
 
 from lmcd.transfer.host import SHM_ROOT, torch_dtype
 from lmcd.transfer.layouts import DTYPE_SIZES
-from lmcd.wire.codec import EXT_HOST_TENSOR
+from lmcd.wire.lmcache03 import EXT_HOST_TENSOR
 
 _counter = itertools.count()
 
