@@ -234,3 +234,36 @@ def test_client_that_disconnects_before_its_reply(
         sock.send_multipart([enc(1), enc(5), enc([KEY] * 100), enc(True)])
         sock.close(linger=0)
     noop_from_another_client(zmq_context, server)
+
+
+def test_oversized_message_is_answered_in_the_connections_dialect(
+    server: Server, zmq_context: Any
+) -> None:
+    sock = zmq_context.socket(zmq.DEALER)
+    sock.connect(server.url)
+    try:
+        # NOOP is 24 in lmcache 0.5 and unknown to 0.3: it binds the
+        # connection to 0.5, whose STORE (6) failure is `[b"", False]`.
+        sock.send_multipart([enc(0), enc(24)])
+        assert reply(sock) == [enc(0), enc(24), enc("OK")]
+        sock.send_multipart([enc(1), enc(6), *[b"\xc0"] * 40_000])
+        assert reply(sock) == [enc(1), enc(6), enc([b"", False])]
+    finally:
+        sock.close(linger=0)
+
+
+def test_oversized_message_of_an_unbound_client_is_counted_not_guessed(
+    server: Server, zmq_context: Any
+) -> None:
+    sock = zmq_context.socket(zmq.DEALER)
+    sock.connect(server.url)
+    try:
+        before = stats(zmq_context, server)
+        # Type 5: LOOKUP in 0.3, store_q in 0.5; the two owe different replies.
+        sock.send_multipart([enc(1), enc(5), enc([KEY]), *[b"\xc0"] * 40_000])
+        assert reply(sock, 300) is None
+        after = stats(zmq_context, server)
+        assert after["oversized_messages"] == before["oversized_messages"] + 1
+        assert after["ambiguous_messages"] == before["ambiguous_messages"] + 1
+    finally:
+        sock.close(linger=0)
