@@ -88,6 +88,13 @@ def serve(
             "CPU workers), in MiB, fully backed in /dev/shm; 0 refuses that mode."
         ),
     ] = 1024,
+    shm_owners: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated uids whose /dev/shm files clients may "
+            "register (default: any owner)."
+        ),
+    ] = None,
     log_level: Annotated[
         str, typer.Option(help="debug, info, warning or error.")
     ] = "info",
@@ -99,7 +106,7 @@ def serve(
     """Run the cache daemon (a drop-in for lmcache.v1.multiprocess.server)."""
     import trio
 
-    from lmcd.config import Config
+    from lmcd.config import Config, parse_uids
     from lmcd.daemon import Daemon
 
     if log_level.lower() not in LOG_LEVELS:
@@ -119,6 +126,7 @@ def serve(
             dialect=dialect,
             worker_timeout=worker_timeout,
             pool_mb=pool_size,
+            shm_owners=None if shm_owners is None else parse_uids(shm_owners),
             port_file=port_file,
         )
     except ConfigError as e:

@@ -35,6 +35,8 @@ class Config:
     registration_grace: float = 3600.0
     # Each engine-driven worker's shared-memory pool (MiB); 0 refuses that mode.
     pool_mb: int = 1024
+    # uids whose /dev/shm files may be registered; None: any owner.
+    shm_owners: frozenset[int] | None = None
     # Where to write the bound port (for `--port 0`).
     port_file: str | None = None
 
@@ -68,6 +70,10 @@ class Config:
         dialects_for(self.dialect)  # raises ConfigError for an unknown name
         if self.buffer_bytes < 4096:
             raise ConfigError("--cpu-buffer-size is smaller than one 4 KiB page")
+        if self.shm_owners is not None and (
+            not self.shm_owners or any(not 0 <= u < 1 << 32 for u in self.shm_owners)
+        ):
+            raise ConfigError("--shm-owners must name at least one uid in 0..2^32-1")
 
     @property
     def buffer_bytes(self) -> int:
@@ -84,3 +90,20 @@ class Config:
     @property
     def segment_bytes(self) -> int:
         return self.segment_mb * MiB
+
+
+def parse_uids(text: str) -> frozenset[int]:
+    """`--shm-owners`: comma-separated numeric uids ("0,1000").
+
+    Raises `ConfigError` for anything else (names are not looked up: the
+    daemon may run where the clients' user names do not exist).
+    """
+    uids: set[int] = set()
+    for raw in text.split(","):
+        part = raw.strip()
+        if not part.isascii() or not part.isdigit():
+            raise ConfigError(
+                f"--shm-owners takes comma-separated numeric uids (got {text!r})"
+            )
+        uids.add(int(part))
+    return frozenset(uids)

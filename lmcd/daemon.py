@@ -61,7 +61,11 @@ class Daemon:
             tier=tier, clock=time.monotonic, lock_ttl=cfg.lock_ttl
         )
         self.scheduler = TransferScheduler(
-            self.storage, cfg.chunk_size, cfg.max_workers, cfg.staging_bytes
+            self.storage,
+            cfg.chunk_size,
+            cfg.max_workers,
+            cfg.staging_bytes,
+            shm_owners=cfg.shm_owners,
         )
         sessions = Sessions(TokenHasher(cfg.chunk_size), time.monotonic)
         self.pools = EnginePools(

@@ -11,9 +11,11 @@ touch the index.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal, Protocol
 
 import attrs
@@ -47,6 +49,14 @@ class EngineRegistry(Protocol):
     def serves(self, model_name: str, world_size: int) -> bool: ...
 
     def touch(self, instance_id: int) -> bool: ...
+
+
+@attrs.define(slots=True, eq=False)
+class _IdLock:
+    """The registration lock of one instance id and how many tasks use it."""
+
+    lock: trio.Lock = attrs.field(factory=trio.Lock)
+    users: int = 0
 
 
 @attrs.define(slots=True, eq=False)
@@ -119,8 +129,15 @@ class TransferScheduler:
     chunk_size: int
     max_workers: int = 1
     staging_bytes: int = cuda.DEFAULT_STAGING_BYTES
+    # uids whose /dev/shm files may be registered (None: any); --shm-owners.
+    shm_owners: frozenset[int] | None = None
+    # Shared-memory files held open at once, over all registrations (each is
+    # a descriptor); None: `host.default_file_limit()`.
+    shm_file_limit: int | None = None
     _limiter: trio.CapacityLimiter = attrs.field(init=False)
     _instances: dict[int, Instance] = attrs.field(factory=dict, init=False)
+    _registrations: dict[int, _IdLock] = attrs.field(factory=dict, init=False)
+    _shm_files: int = attrs.field(default=0, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     peers: list[EngineRegistry] = attrs.field(factory=list, init=False)
 
@@ -154,47 +171,49 @@ class TransferScheduler:
     async def register(self, request: RegisterKVCache) -> Instance:
         """Open the request's KV cache (replacing one of the same id).
 
+        REGISTERs and UNREGISTERs of one instance id run one at a time, so
+        two that arrive together leave exactly one open registration (the
+        one that ran last) and every replaced one is closed.
+
         Raises `RegistrationError` when it cannot be opened.
         """
-        if request.instance_id in self._instances:
-            log.warning("GPU ID %d registered again; replacing", request.instance_id)
-            await self.unregister(request.instance_id)
-        refs = request.layers
-        if all(isinstance(r, HostTensorRef) for r in refs):
-            host_refs = [r for r in refs if isinstance(r, HostTensorRef)]
-            kv: host.HostKV | cuda.CudaKV = await trio.to_thread.run_sync(
-                host.open_host_kv, host_refs
+        async with self._serialized(request.instance_id):
+            if request.instance_id in self._instances:
+                log.warning(
+                    "GPU ID %d registered again; replacing", request.instance_id
+                )
+                await self._unregister(request.instance_id)
+            reserved = self._reserve_files(request)
+            try:
+                kv = await self._open(request)
+            finally:
+                self._shm_files -= reserved
+            if isinstance(kv, host.HostKV):
+                self._shm_files += len(kv.files)
+            try:
+                blocks = kv.layout.blocks_per_chunk(self.chunk_size)
+            except RegistrationError:
+                self._close(kv)
+                raise
+            kind: Literal["cuda", "host"] = (
+                "host" if isinstance(kv, host.HostKV) else "cuda"
             )
-            kind: Literal["cuda", "host"] = "host"
-        elif all(isinstance(r, CudaTensorRef) for r in refs):
-            cuda_refs = [r for r in refs if isinstance(r, CudaTensorRef)]
-            kv = await trio.to_thread.run_sync(
-                cuda.open_cuda_kv, cuda_refs, self.staging_bytes
+            if len(request.groups) > 1:
+                self._close(kv)
+                raise RegistrationError(
+                    f"{len(request.groups)} KV-cache groups; lmcd serves engines "
+                    "whose layers form one group (standard attention models)"
+                )
+            instance = Instance(
+                request.instance_id,
+                kind,
+                kv,
+                blocks,
+                model_name=request.model_name,
+                world_size=request.world_size,
+                heartbeat=request.refresh,
             )
-            kind = "cuda"
-        else:
-            raise RegistrationError("KV cache mixes CUDA and host layers")
-        try:
-            blocks = kv.layout.blocks_per_chunk(self.chunk_size)
-        except RegistrationError:
-            kv.close()
-            raise
-        if len(request.groups) > 1:
-            kv.close()
-            raise RegistrationError(
-                f"{len(request.groups)} KV-cache groups; lmcd serves engines "
-                "whose layers form one group (standard attention models)"
-            )
-        instance = Instance(
-            request.instance_id,
-            kind,
-            kv,
-            blocks,
-            model_name=request.model_name,
-            world_size=request.world_size,
-            heartbeat=request.refresh,
-        )
-        self._instances[request.instance_id] = instance
+            self._instances[request.instance_id] = instance
         log.info(
             "Registered KV cache for GPU ID %d with %d layers",
             request.instance_id,
@@ -202,9 +221,50 @@ class TransferScheduler:
         )
         return instance
 
+    def _reserve_files(self, request: RegisterKVCache) -> int:
+        """Count the request's shared-memory files against the limit before
+        opening them (so concurrent REGISTERs cannot overshoot it)."""
+        wanted = len({r.path for r in request.layers if isinstance(r, HostTensorRef)})
+        limit = self.shm_file_limit
+        if limit is None:
+            limit = host.default_file_limit()
+        if wanted and self._shm_files + wanted > limit:
+            raise RegistrationError(
+                f"{wanted} more shared-memory files would exceed the limit of "
+                f"{limit} open at once ({self._shm_files} are)"
+            )
+        self._shm_files += wanted
+        return wanted
+
+    def _close(self, kv: host.HostKV | cuda.CudaKV) -> None:
+        if isinstance(kv, host.HostKV):
+            self._shm_files -= len(kv.files)
+        kv.close()
+
+    async def _open(self, request: RegisterKVCache) -> host.HostKV | cuda.CudaKV:
+        refs = request.layers
+        if all(isinstance(r, HostTensorRef) for r in refs):
+            host_refs = [r for r in refs if isinstance(r, HostTensorRef)]
+            # Not cancellable: a descriptor opened in the thread is always
+            # handed back, so it is always closed or registered.
+            return await trio.to_thread.run_sync(
+                functools.partial(host.open_host_kv, host_refs, owners=self.shm_owners)
+            )
+        if all(isinstance(r, CudaTensorRef) for r in refs):
+            cuda_refs = [r for r in refs if isinstance(r, CudaTensorRef)]
+            return await trio.to_thread.run_sync(
+                cuda.open_cuda_kv, cuda_refs, self.staging_bytes
+            )
+        raise RegistrationError("KV cache mixes CUDA and host layers")
+
     async def unregister(self, instance_id: int) -> bool:
-        """Wait for the instance's copies, then release everything it held.
-        Returns False (and logs a warning) for an unknown instance."""
+        """Wait for the instance's copies, then release everything it held
+        (every descriptor and mapping). Returns False (and logs a warning)
+        for an unknown instance."""
+        async with self._serialized(instance_id):
+            return await self._unregister(instance_id)
+
+    async def _unregister(self, instance_id: int) -> bool:
         instance = self._instances.get(instance_id)
         if instance is None:
             log.warning("No KV cache found for GPU ID %d to unregister", instance_id)
@@ -214,9 +274,25 @@ class TransferScheduler:
             await instance.idle.wait()
         if self._instances.get(instance_id) is instance:
             del self._instances[instance_id]
-        instance.kv.close()
+        self._close(instance.kv)
         log.info("Unregistered KV cache for GPU ID %d", instance_id)
         return True
+
+    @contextlib.asynccontextmanager
+    async def _serialized(self, instance_id: int) -> AsyncIterator[None]:
+        """Hold the per-id registration lock (FIFO); the entry is dropped
+        once nobody holds or waits for it, so ids do not accumulate."""
+        entry = self._registrations.get(instance_id)
+        if entry is None:
+            entry = self._registrations[instance_id] = _IdLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._registrations[instance_id]
 
     def instance(self, instance_id: int) -> Instance:
         """The registered instance (its last activity refreshed). Raises
