@@ -445,6 +445,8 @@ def load_tensors(
     )
     if not isinstance(value, list) or not all(isinstance(t, ChunkData) for t in value):
         raise ProtocolError("pickle does not hold a list of tensors")
+    if len(value) > max_tensors:  # one tensor may be listed many times
+        raise ProtocolError(f"over {max_tensors} tensors")
     return tuple(value)
 
 

@@ -111,12 +111,50 @@ class RecordingProxy:
         )
 
 
-def run(out: Path) -> None:
+def drive(url: str, ctx: Any, proxy: RecordingProxy, opened: list[Any]) -> None:
+    """The recorded flow (see the module docstring)."""
     from lmcache.v1.multiprocess.custom_types import BlockAllocationRecord
-    from lmcache.v1.multiprocess.protocol import RequestType
 
     model = "capture-model"
     tokens = [100 + i for i in range(2 * CHUNK + 8)]
+    proxy.label = "scheduler"
+    scheduler = Scheduler.start(url, ctx, model=model)
+    opened.append(scheduler)
+    proxy.label = "worker-a"
+    a = Worker.start(url, ctx, model=model, mode=DATA, seed=1)
+    opened.append(a)
+    assert a.store("req-store", tokens, [3, 4, 9, 10], end=2 * CHUNK)
+    assert scheduler.wait_stored(tokens, 2 * CHUNK) == 2 * CHUNK
+    assert scheduler.lookup("req-load", tokens) == 2 * CHUNK
+    proxy.label = "worker-b"
+    b = Worker.start(url, ctx, model=model, mode=DATA)
+    opened.append(b)
+    assert b.retrieve("req-load", tokens, [12, 5, 7, 1], end=2 * CHUNK)
+    assert blocks_equal(a.kv, [3, 4, 9, 10], b.kv, [12, 5, 7, 1])
+    scheduler.adapter.free_lookup_locks(tokens, 0, 2 * CHUNK, "req-store")
+    scheduler.adapter.end_session("req-load")
+    scheduler.adapter.report_block_allocations(
+        [BlockAllocationRecord("req-load", [12, 5], [1, 2])]
+    )
+    proxy.label = "raw"
+    raw = RawClient.connect(url, ctx)
+    opened.append(raw)
+    assert raw.call("PING", []) is True
+    assert raw.call("NOOP", []) == "OK"
+    lookup_key = key(model, tokens, "req-hits", worker_id=None)
+    raw.call("LOOKUP", [lookup_key, 1])
+    hits = raw.call("QUERY_PREFETCH_LOOKUP_HITS", ["req-hits"])
+    status = raw.call("QUERY_PREFETCH_STATUS", ["req-hits"])
+    again = raw.call("QUERY_PREFETCH_STATUS", ["req-hits"])
+    print("hits", hits, "status", status, "again", again)
+    raw.call("FREE_LOOKUP_LOCKS", [lookup_key, 1])
+    raw.call("CLEAR", [])
+    time.sleep(0.5)
+
+
+def run(out: Path) -> None:
+    from lmcache.v1.multiprocess.protocol import RequestType
+
     with tempfile.TemporaryDirectory() as tmp:
         server = start_server(REFERENCE, ServerOptions(), Path(tmp))
         ctx = zmq_context()
@@ -124,43 +162,13 @@ def run(out: Path) -> None:
         proxy.start()
         opened: list[Any] = []
         try:
-            proxy.label = "scheduler"
-            scheduler = Scheduler.start(proxy.url, ctx, model=model)
-            opened.append(scheduler)
-            proxy.label = "worker-a"
-            a = Worker.start(proxy.url, ctx, model=model, mode=DATA, seed=1)
-            opened.append(a)
-            assert a.store("req-store", tokens, [3, 4, 9, 10], end=2 * CHUNK)
-            assert scheduler.wait_stored(tokens, 2 * CHUNK) == 2 * CHUNK
-            assert scheduler.lookup("req-load", tokens) == 2 * CHUNK
-            proxy.label = "worker-b"
-            b = Worker.start(proxy.url, ctx, model=model, mode=DATA)
-            opened.append(b)
-            assert b.retrieve("req-load", tokens, [12, 5, 7, 1], end=2 * CHUNK)
-            assert blocks_equal(a.kv, [3, 4, 9, 10], b.kv, [12, 5, 7, 1])
-            scheduler.adapter.free_lookup_locks(tokens, 0, 2 * CHUNK, "req-store")
-            scheduler.adapter.end_session("req-load")
-            scheduler.adapter.report_block_allocations(
-                [BlockAllocationRecord("req-load", [12, 5], [1, 2])]
-            )
-            proxy.label = "raw"
-            raw = RawClient.connect(proxy.url, ctx)
-            opened.append(raw)
-            assert raw.call("PING", []) is True
-            assert raw.call("NOOP", []) == "OK"
-            raw.call("LOOKUP", [key(model, tokens, "req-hits", worker_id=None), 1])
-            hits = raw.call("QUERY_PREFETCH_LOOKUP_HITS", ["req-hits"])
-            status = raw.call("QUERY_PREFETCH_STATUS", ["req-hits"])
-            again = raw.call("QUERY_PREFETCH_STATUS", ["req-hits"])
-            print("hits", hits, "status", status, "again", again)
-            raw.call(
-                "FREE_LOOKUP_LOCKS", [key(model, tokens, "req-hits", worker_id=None), 1]
-            )
-            raw.call("CLEAR", [])
-            time.sleep(0.5)
+            drive(proxy.url, ctx, proxy, opened)
         finally:
             for thing in reversed(opened):
-                thing.shutdown() if hasattr(thing, "shutdown") else thing.close()
+                if isinstance(thing, RawClient):
+                    thing.close()
+                else:
+                    thing.shutdown()
             time.sleep(0.5)
             proxy.stop()
             ctx.term()

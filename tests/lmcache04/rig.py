@@ -67,6 +67,8 @@ def make_kv(layout: KVLayout, seed: int | None = None) -> dict[str, torch.Tensor
             t = torch.randn(shape, generator=gen).to(layout.dtype)
         kv[f"model.layers.{i}.self_attn.attn"] = t
     return kv
+
+
 CHUNK = 16
 TIMEOUT = 10.0
 
@@ -115,14 +117,19 @@ def start_server(
         )
     server = ServerProcess(kind, port, proc, log_path, shm_name)
     try:
-        wait_listening(server, timeout)
-        size = probe_chunk_size(server.url, timeout=10.0)
-        if size != options.chunk_size:
-            raise LmcdError(f"{kind} answered GET_CHUNK_SIZE with {size!r}")
+        wait_ready(server, options, timeout)
     except BaseException:
         server.stop()
         raise
     return server
+
+
+def wait_ready(server: ServerProcess, options: ServerOptions, timeout: float) -> None:
+    """Wait until `server` answers GET_CHUNK_SIZE with the chunk size."""
+    wait_listening(server, timeout)
+    size = probe_chunk_size(server.url, timeout=10.0)
+    if size != options.chunk_size:
+        raise LmcdError(f"{server.kind} answered GET_CHUNK_SIZE with {size!r}")
 
 
 def wait_listening(server: ServerProcess, timeout: float) -> None:
