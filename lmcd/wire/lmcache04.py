@@ -489,13 +489,21 @@ def _table(release: Release) -> dict[int, _Entry]:
 
 # -- the dialect -------------------------------------------------------------------
 
-# Zero-payload messages that two releases both send (see the module
-# docstring): these names are a client's first message (uid 0) or never.
+# `plausible` is asked only about a connection's first message (or the
+# first after a daemon restart, when the client reconnects and resumes).
+# The zero-payload messages that 0.4.6 and 0.4.7 both send are told apart by
+# what can come first: a GET_CHUNK_SIZE is an adapter's first message (uid
+# 0) and never a later one, a PING or a CLEAR never the first (see the module
+# docstring). Other shared shapes (`[10, context]`, `[14, key, id]`) stay
+# ambiguous and unanswered until the connection binds (its heartbeat does
+# within one interval): a reply of the other release's type would kill the
+# client.
 _FIRST_ONLY = {"0.4.7": frozenset({"GET_CHUNK_SIZE"})}
 _NEVER_FIRST: dict[str, frozenset[str]] = {
     "0.4.6": frozenset({"PING"}),
     "0.4.7": frozenset({"CLEAR"}),
 }
+
 _uid_decoder = msgspec.msgpack.Decoder(int)
 
 
