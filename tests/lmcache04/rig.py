@@ -17,7 +17,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -122,6 +122,35 @@ def start_server(
         server.stop()
         raise
     return server
+
+
+def stop_and_restart(
+    server: ServerProcess,
+    options: ServerOptions,
+    *,
+    down: Callable[[], bool],
+    timeout: float = 30.0,
+) -> None:
+    """Stop `server`, wait (up to `timeout` s) until `down()` says its
+    clients noticed, then start it again on the same port with the same
+    command line (`server.proc` is the new process)."""
+    args = list(server.proc.args)  # type: ignore[arg-type]
+    code = server.stop()
+    assert code == 0, server.log_tail()
+    deadline = time.monotonic() + timeout
+    while not down():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the clients did not notice the server went away")
+        time.sleep(0.05)
+    with server.log_path.open("ab") as log:
+        server.proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **NO_TELEMETRY, "PYTHONUNBUFFERED": "1"},
+        )
+    wait_ready(server, options, timeout)
 
 
 def wait_ready(server: ServerProcess, options: ServerOptions, timeout: float) -> None:
