@@ -424,3 +424,18 @@ def test_what_0_3_or_0_5_reads_is_never_served_otherwise(
         assert _reply(routed.dialect, msg, request, None) == _reply(
             dialect, msg, request, None
         )
+
+
+def test_a_fresh_05_client_may_start_with_a_status_query() -> None:
+    """`[9, request_id]` is lmcache 0.5's query_prefetch_status and lmcache
+    0.4's END_SESSION. A 0.4 scheduler never sends END_SESSION first (its
+    first message is GET_CHUNK_SIZE), so at uid 0 it is 0.5's; later it is
+    left unanswered rather than answered in the wrong type."""
+    router = DialectRouter(ALL)
+    routed = router.route(b"x", parse([enc(0), enc(9), enc("req-1")]))
+    assert routed.dialect is D05
+    assert routed.request == lmcache05.decode_request(
+        parse([enc(0), enc(9), enc("req-1")])
+    )
+    with pytest.raises(Ambiguous):
+        router.route(b"y", parse([enc(3), enc(9), enc("req-1")]))

@@ -491,17 +491,20 @@ def _table(release: Release) -> dict[int, _Entry]:
 
 # `plausible` is asked only about a connection's first message (or the
 # first after a daemon restart, when the client reconnects and resumes).
-# The zero-payload messages that 0.4.6 and 0.4.7 both send are told apart by
-# what can come first: a GET_CHUNK_SIZE is an adapter's first message (uid
-# 0) and never a later one, a PING or a CLEAR never the first (see the module
-# docstring). Other shared shapes (`[10, context]`, `[14, key, id]`) stay
-# ambiguous and unanswered until the connection binds (its heartbeat does
-# within one interval): a reply of the other release's type would kill the
-# client.
+# Every 0.4 adapter's first message (uid 0) is GET_CHUNK_SIZE, which it
+# never sends again. So the zero-payload messages that 0.4.6 and 0.4.7 both
+# send are told apart by the uid: GET_CHUNK_SIZE only at uid 0, PING and
+# CLEAR never (see the module docstring); and END_SESSION is never at uid 0,
+# which leaves a fresh lmcache 0.5 client's `[0, 9, request_id]` (its
+# query_prefetch_status) to 0.5. Other shared shapes (a later `[9, id]`,
+# `[10, context]`, `[14, key, id]`) stay ambiguous and unanswered until the
+# connection binds (a 0.4 heartbeat does within one interval): a reply of
+# another release's type would kill the client.
 _FIRST_ONLY = {"0.4.7": frozenset({"GET_CHUNK_SIZE"})}
 _NEVER_FIRST: dict[str, frozenset[str]] = {
-    "0.4.6": frozenset({"PING"}),
-    "0.4.7": frozenset({"CLEAR"}),
+    "0.4.4": frozenset({"END_SESSION"}),
+    "0.4.6": frozenset({"PING", "END_SESSION"}),
+    "0.4.7": frozenset({"CLEAR", "END_SESSION"}),
 }
 
 _uid_decoder = msgspec.msgpack.Decoder(int)
