@@ -1,7 +1,9 @@
-"""Nox sessions: tests, tests_lmcache05, lint, typing, bench, bench_lmcache05.
+"""Nox sessions: tests, tests_lmcache05, tests_lmcache046, tests_lmcache047,
+lint, typing, bench, bench_lmcache05.
 
 `python3 -m pip install nox && python3 -m nox` runs tests (lmcache 0.3.13
-client), tests_lmcache05 (lmcache 0.5.6), lint and typing.
+client), tests_lmcache05 (lmcache 0.5.6), tests_lmcache046 and
+tests_lmcache047 (lmcache 0.4.6, 0.4.7), lint and typing.
 `nox -s tests -- -k lookup` narrows the test run.
 """
 
@@ -9,7 +11,14 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["tests", "tests_lmcache05", "lint", "typing"]
+nox.options.sessions = [
+    "tests",
+    "tests_lmcache05",
+    "tests_lmcache046",
+    "tests_lmcache047",
+    "lint",
+    "typing",
+]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_external_run = True
 
@@ -57,6 +66,11 @@ LMCACHE_05_DEPS = [
     "opentelemetry-exporter-prometheus<=0.61b0",
     "httpx",
 ]
+# lmcache 0.4.6: what vLLM 0.20-0.33's built-in LMCacheMPConnector runs
+# (0.4.4-0.4.6 fit it); 0.4.7: vLLM 0.18-0.19's. Their adapters and their
+# own servers run on CPU with the dependency set of 0.5.6.
+LMCACHE_046 = "lmcache==0.4.6"
+LMCACHE_047 = "lmcache==0.4.7"
 
 
 def install(session: nox.Session, *extras: str, lmcache: str | None = None) -> None:
@@ -75,12 +89,16 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", *session.posargs)
 
 
-def install_lmcache05(session: nox.Session) -> None:
-    """The project with its test extra, and lmcache 0.5.6 without its
-    (GPU-heavy) dependencies but with the few it needs on CPU."""
+def install_lmcache(session: nox.Session, release: str = LMCACHE_05) -> None:
+    """The project with its test extra, and an lmcache release (0.4.6+)
+    without its (GPU-heavy) dependencies but with the few it needs on CPU."""
     install(session, "test")
     session.install(*LMCACHE_05_DEPS)
-    session.install("--no-deps", LMCACHE_05)
+    session.install("--no-deps", release)
+
+
+def install_lmcache05(session: nox.Session) -> None:
+    install_lmcache(session, LMCACHE_05)
 
 
 @nox.session(python="3.11")
@@ -88,6 +106,20 @@ def tests_lmcache05(session: nox.Session) -> None:
     """lmcache 0.5.6's real adapters against its own server and lmcd (CPU)."""
     install_lmcache05(session)
     session.run("pytest", "tests/lmcache05", *session.posargs)
+
+
+@nox.session(python="3.11")
+def tests_lmcache046(session: nox.Session) -> None:
+    """lmcache 0.4.6's real adapters against its own server and lmcd (CPU)."""
+    install_lmcache(session, LMCACHE_046)
+    session.run("pytest", "tests/lmcache04", *session.posargs)
+
+
+@nox.session(python="3.11")
+def tests_lmcache047(session: nox.Session) -> None:
+    """lmcache 0.4.7's real adapters against its own server and lmcd (CPU)."""
+    install_lmcache(session, LMCACHE_047)
+    session.run("pytest", "tests/lmcache04", *session.posargs)
 
 
 @nox.session(python="3.11")
