@@ -95,6 +95,152 @@ def serve(
             "register (default: any owner)."
         ),
     ] = None,
+    disk_path: Annotated[
+        str | None,
+        typer.Option(
+            help="Directory of a disk tier under the CPU buffer (kept across "
+            "restarts; docs/disk-tier.md).",
+            rich_help_panel="Disk tier",
+        ),
+    ] = None,
+    disk_size: Annotated[
+        float,
+        typer.Option(
+            help="Most the disk tier may hold, in GB (GiB); required with --disk-path.",
+            rich_help_panel="Disk tier",
+        ),
+    ] = 0.0,
+    disk_policy: Annotated[
+        str,
+        typer.Option(
+            help="write-back: chunks go to disk while the CPU buffer is above "
+            "--disk-high-water; write-through: every stored chunk goes to disk.",
+            rich_help_panel="Disk tier",
+        ),
+    ] = "write-back",
+    disk_threads: Annotated[
+        int,
+        typer.Option(help="Disk I/O worker threads.", rich_help_panel="Disk tier"),
+    ] = 4,
+    disk_direct_io: Annotated[
+        str,
+        typer.Option(
+            help="auto (O_DIRECT where the filesystem takes it), on or off.",
+            rich_help_panel="Disk tier",
+        ),
+    ] = "auto",
+    disk_fsync: Annotated[
+        bool,
+        typer.Option(
+            help="fsync each chunk file (survives power loss; slower).",
+            rich_help_panel="Disk tier",
+        ),
+    ] = False,
+    disk_high_water: Annotated[
+        float,
+        typer.Option(
+            help="Write-back demotes chunks to disk while the CPU buffer is at "
+            "least this full (0-1).",
+            rich_help_panel="Disk tier",
+        ),
+    ] = 0.8,
+    state_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Where registrations are remembered across restarts "
+            "(default: --disk-path).",
+            rich_help_panel="Disk tier",
+        ),
+    ] = None,
+    promotion_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Longest a RETRIEVE or lookup waits for chunks coming up from "
+            "disk or the remote tier (seconds).",
+            rich_help_panel="Disk tier",
+        ),
+    ] = 10.0,
+    remote: Annotated[
+        str | None,
+        typer.Option(
+            help="Valkey/Redis tier shared by daemons: valkey://HOST:PORT[,...] "
+            "(valkeys:// for TLS; password from $LMCD_VALKEY_PASSWORD; "
+            "docs/valkey.md).",
+            rich_help_panel="Remote tier",
+        ),
+    ] = None,
+    remote_prefix: Annotated[
+        str,
+        typer.Option(help="Key prefix in the cluster.", rich_help_panel="Remote tier"),
+    ] = "lmcd:",
+    remote_mode: Annotated[
+        str,
+        typer.Option(
+            help="auto, cluster or standalone.", rich_help_panel="Remote tier"
+        ),
+    ] = "auto",
+    remote_ttl: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a chunk lives in the cluster (default: until evicted).",
+            rich_help_panel="Remote tier",
+        ),
+    ] = None,
+    remote_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a chunk transfer waits on a silent node (plus its "
+            "bytes at 200 MB/s).",
+            rich_help_panel="Remote tier",
+        ),
+    ] = 1.0,
+    remote_lookup_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Deadline of a batched remote lookup (seconds).",
+            rich_help_panel="Remote tier",
+        ),
+    ] = 0.1,
+    remote_queue: Annotated[
+        int,
+        typer.Option(
+            help="Chunks waiting to be written to the cluster; beyond it new "
+            "ones are dropped (counted), never waited for.",
+            rich_help_panel="Remote tier",
+        ),
+    ] = 256,
+    remote_username: Annotated[
+        str | None,
+        typer.Option(help="ACL user name.", rich_help_panel="Remote tier"),
+    ] = None,
+    remote_tls_ca_file: Annotated[
+        str | None,
+        typer.Option(help="CA bundle for TLS.", rich_help_panel="Remote tier"),
+    ] = None,
+    remote_tls_cert_file: Annotated[
+        str | None,
+        typer.Option(
+            help="Client certificate (mutual TLS).", rich_help_panel="Remote tier"
+        ),
+    ] = None,
+    remote_tls_key_file: Annotated[
+        str | None,
+        typer.Option(help="Client key (mutual TLS).", rich_help_panel="Remote tier"),
+    ] = None,
+    remote_tls_server_name: Annotated[
+        str | None,
+        typer.Option(
+            help="Name to verify on the nodes' certificates.",
+            rich_help_panel="Remote tier",
+        ),
+    ] = None,
+    remote_tls_verify: Annotated[
+        bool,
+        typer.Option(
+            help="Verify the nodes' certificates (turn off only in tests).",
+            rich_help_panel="Remote tier",
+        ),
+    ] = True,
     log_level: Annotated[
         str, typer.Option(help="debug, info, warning or error.")
     ] = "info",
@@ -123,11 +269,36 @@ def serve(
             worker_timeout=worker_timeout,
             pool_mb=pool_size,
             shm_owners=None if shm_owners is None else parse_uids(shm_owners),
+            disk_path=disk_path,
+            disk_size=disk_size,
+            disk_policy=disk_policy,
+            disk_threads=disk_threads,
+            disk_direct_io=disk_direct_io,
+            disk_fsync=disk_fsync,
+            disk_high_water=disk_high_water,
+            state_dir=state_dir,
+            promotion_timeout=promotion_timeout,
+            remote=remote,
+            remote_prefix=remote_prefix,
+            remote_mode=remote_mode,
+            remote_ttl=remote_ttl,
+            remote_timeout=remote_timeout,
+            remote_lookup_timeout=remote_lookup_timeout,
+            remote_queue=remote_queue,
+            remote_username=remote_username,
+            remote_tls_ca_file=remote_tls_ca_file,
+            remote_tls_cert_file=remote_tls_cert_file,
+            remote_tls_key_file=remote_tls_key_file,
+            remote_tls_server_name=remote_tls_server_name,
+            remote_tls_verify=remote_tls_verify,
         )
     except ConfigError as e:
         raise _fail(str(e), 2) from None
     setup_logging(log_level)
-    daemon = Daemon(config)
+    try:
+        daemon = Daemon(config)
+    except ConfigError as e:
+        raise _fail(str(e), 2) from None
     try:
         trio.run(daemon.run)
     except ConfigError as e:

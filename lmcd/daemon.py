@@ -6,6 +6,7 @@
                                  |-- handlers   inline control plane, a task per copy
                                  |-- scheduler  in-flight copies and completions
                                  |-- pools      engine-driven workers' shm pools
+                                 |-- tiers      disk and remote tiers (optional)
                                  `-- storage    index, locks, LRU over a tier
 
 Shutdown (SIGINT/SIGTERM, or cancellation): stop receiving, give in-flight
@@ -32,6 +33,7 @@ from lmcd.listener import Listener
 from lmcd.lookups import LookupJobs, Sessions
 from lmcd.scheduler import TransferScheduler
 from lmcd.storage import StorageManager
+from lmcd.tiering import Policy, Registrations, Tiering
 from lmcd.tokens import TokenHasher
 from lmcd.wire.detect import DialectRouter
 from lmcd.wire.registry import dialects_for
@@ -50,6 +52,8 @@ class Daemon:
     pools: EnginePools = attrs.field(init=False)
     handlers: Handlers = attrs.field(init=False)
     listener: Listener = attrs.field(init=False)
+    tiers: Tiering | None = attrs.field(default=None, init=False)
+    registrations: Registrations | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         cfg = self.config
@@ -86,12 +90,80 @@ class Daemon:
             extra_stats=self._extra_stats,
             pools=self.pools,
         )
+        self._make_tiers()
+
+    def _make_tiers(self) -> None:
+        """The disk and remote tiers and the remembered registrations, as
+        configured. Raises `ConfigError` for settings a tier refuses."""
+        cfg = self.config
+        disk = remote = None
+        if cfg.disk_path is not None:
+            from lmcd_backends.disk import DiskTier
+
+            try:
+                disk = DiskTier(
+                    cfg.disk_path,
+                    cfg.disk_bytes,
+                    threads=cfg.disk_threads,
+                    direct=cfg.direct_io,
+                    fsync=cfg.disk_fsync,
+                )
+            except ValueError as e:
+                raise ConfigError(f"--disk-path/--disk-size: {e}") from e
+        if cfg.remote is not None:
+            from lmcd_backends.remote import tier_from_env
+
+            remote = tier_from_env(
+                cfg.remote,
+                prefix=cfg.remote_prefix,
+                mode=cfg.remote_mode,
+                ttl=cfg.remote_ttl,
+                timeout=cfg.remote_timeout,
+                lookup_timeout=cfg.remote_lookup_timeout,
+                username=cfg.remote_username,
+                tls_ca_file=cfg.remote_tls_ca_file,
+                tls_cert_file=cfg.remote_tls_cert_file,
+                tls_key_file=cfg.remote_tls_key_file,
+                tls_server_name=cfg.remote_tls_server_name,
+                tls_verify=cfg.remote_tls_verify,
+            )
+        if disk is not None or remote is not None:
+            self.tiers = Tiering(
+                self.storage,
+                disk,
+                remote,
+                policy=Policy(cfg.disk_policy),
+                high_water=cfg.disk_high_water,
+                promotion_timeout=cfg.promotion_timeout,
+                remote_queue=cfg.remote_queue,
+                layouts=self._layouts,
+                demotion_batch=cfg.disk_threads,
+            )
+            self.storage.on_commit = self.tiers.on_commit
+            self.handlers.tiers = self.tiers
+        state = cfg.registrations_dir
+        if state is not None:
+            self.registrations = Registrations(state)
+            self.scheduler.on_registration = self.registrations.changed
+
+    def _layouts(self) -> list[tuple[str | None, int | None, str, int]]:
+        size = self.config.chunk_size
+        shapes: list[tuple[str | None, int | None, str, int]] = [
+            (i.model_name, i.world_size, i.layout.tag, i.layout.chunk_bytes(size))
+            for i in self.scheduler.instances()
+        ]
+        shapes += [
+            (p.model_name, p.world_size, p.layout.tag, p.chunk_bytes)
+            for p in self.pools.instances()
+        ]
+        return shapes
 
     def _on_message(self, identity: bytes, frames: list[bytes]) -> None:
         self.handlers.on_message(identity, frames)
 
     def _extra_stats(self) -> dict[str, object]:
         return {
+            "tiers": {} if self.tiers is None else self.tiers.statistics(),
             "pinned_memory": bool(getattr(self.storage.tier, "pinned", False)),
             "busy_workers": self.scheduler.busy_workers,
             "max_workers": self.config.max_workers,
@@ -126,6 +198,13 @@ class Daemon:
             with signals as received:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.scheduler.run)
+                    if self.tiers is not None:
+                        # Opens the disk tier and seeds its index: hits from
+                        # disk are served from the first request on.
+                        await nursery.start(self.tiers.run)
+                    if self.registrations is not None:
+                        await nursery.start(self.registrations.run)
+                        await self.registrations.restore(self.scheduler.register)
                     await nursery.start(self.pools.serve)
                     await nursery.start(self.handlers.run)
                     await nursery.start(self.listener.run)

@@ -107,7 +107,59 @@ def render(s: dict[str, Any], rates: dict[str, float] | None = None) -> Group:
             *(str(i[f]) for f in ("kind", "layout", "layers", "dtype", "block_size")),
         )
     head = f"lmcd {s['version']}, up {s['uptime_s']:.0f} s"
-    return Group(head, memory, cache, traffic, errors, clients, models, instances)
+    parts: list[Any] = [head, memory, cache, traffic, errors, clients, models]
+    if s.get("tiers"):
+        parts.append(tier_table(s["tiers"]))
+    parts.append(instances)
+    return Group(*parts)
+
+
+# (row label, field, how to show it) of the per-tier table.
+_TIER_ROWS: list[tuple[str, str, str]] = [
+    ("capacity", "capacity_bytes", "size"),
+    ("used", "used_bytes", "size"),
+    ("chunks", "chunks", "int"),
+    ("hits (chunks)", "hits", "int"),
+    ("promotions", "promotions", "int"),
+    ("promotion failures", "promotion_failures", "int"),
+    ("demotions", "demotions", "int"),
+    ("demotion failures", "demotion_failures", "int"),
+    ("dropped writes", "dropped_writes", "int"),
+    ("evicted before written", "evicted_before_written", "int"),
+    ("deletions", "deletions", "int"),
+    ("read", "read_bytes", "size"),
+    ("written", "written_bytes", "size"),
+    ("verify failures", "verify_failures", "int"),
+    ("queue depth", "queue_depth", "int"),
+    ("healthy", "healthy", "bool"),
+]
+
+
+def tier_table(tiers: dict[str, dict[str, Any]]) -> Table:
+    """One column per tier (cpu, disk, remote); "-" where a tier has no
+    such figure."""
+    t = Table(title="Tiers", box=box.SIMPLE, title_justify="left")
+    t.add_column("what", style="bold")
+    names = list(tiers)
+    for name in names:
+        t.add_column(name, justify="right")
+    for label, field, kind in _TIER_ROWS:
+        cells = []
+        for name in names:
+            value = tiers[name].get(field)
+            if value is None:
+                cells.append("-")
+            elif kind == "size":
+                cells.append(_size(value) if value else "-")
+            elif kind == "bool":
+                cells.append("yes" if value else "NO")
+            else:
+                cells.append(str(value))
+        t.add_row(label, *cells)
+    details = [f"{n}: {tiers[n]['detail']}" for n in names if tiers[n].get("detail")]
+    if details:
+        t.caption = "; ".join(details)
+    return t
 
 
 RATE_FIELDS = ("requests", "stored_bytes", "retrieved_bytes", "lookups")

@@ -15,7 +15,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal, Protocol
 
 import attrs
@@ -134,6 +134,10 @@ class TransferScheduler:
     # Shared-memory files held open at once, over all registrations (each is
     # a descriptor); None: `host.default_file_limit()`.
     shm_file_limit: int | None = None
+    # Told of every registration that opened (its request) and every one
+    # that closed (None), so they can be remembered across a restart
+    # (lmcd.tiering.Registrations).
+    on_registration: Callable[[int, RegisterKVCache | None], None] | None = None
     _limiter: trio.CapacityLimiter = attrs.field(init=False)
     _instances: dict[int, Instance] = attrs.field(factory=dict, init=False)
     _registrations: dict[int, _IdLock] = attrs.field(factory=dict, init=False)
@@ -214,6 +218,8 @@ class TransferScheduler:
                 heartbeat=request.refresh,
             )
             self._instances[request.instance_id] = instance
+            if self.on_registration is not None:
+                self.on_registration(request.instance_id, request)
         log.info(
             "Registered KV cache for GPU ID %d with %d layers",
             request.instance_id,
@@ -274,6 +280,8 @@ class TransferScheduler:
             await instance.idle.wait()
         if self._instances.get(instance_id) is instance:
             del self._instances[instance_id]
+            if self.on_registration is not None:
+                self.on_registration(instance_id, None)
         self._close(instance.kv)
         log.info("Unregistered KV cache for GPU ID %d", instance_id)
         return True
