@@ -65,7 +65,21 @@ def serve(
         typer.Option(help="Serve Prometheus /metrics and /healthz on this port."),
     ] = None,
     disable_lazy_alloc: Annotated[
-        bool, typer.Option(help="Allocate the whole CPU buffer at start-up.")
+        bool,
+        typer.Option(help="Allocate and commit the whole CPU buffer at start-up."),
+    ] = False,
+    prepare_ahead_mb: Annotated[
+        int,
+        typer.Option(
+            help="Prepared, free CPU buffer kept ahead of the fill (MiB; at "
+            "least two segments, doubled when stores outrun it)."
+        ),
+    ] = 2048,
+    allow_overcommit: Annotated[
+        bool,
+        typer.Option(
+            help="Start even when --cpu-buffer-size exceeds the available memory."
+        ),
     ] = False,
     log_level: Annotated[
         str, typer.Option(help="debug, info, warning or error.")
@@ -91,6 +105,8 @@ def serve(
             segment_mb=segment_mb,
             metrics_port=metrics_port,
             disable_lazy_alloc=disable_lazy_alloc,
+            allow_overcommit=allow_overcommit,
+            prepare_ahead_mb=prepare_ahead_mb,
         )
     except ConfigError as e:
         raise _fail(str(e), 2) from None

@@ -6,7 +6,7 @@ import attrs
 
 from lmcd.errors import ConfigError
 from lmcd.transfer.cuda import DEFAULT_STAGING_BYTES
-from lmcd_backends.pinned_cpu import DEFAULT_SEGMENT_BYTES
+from lmcd_backends.pinned_cpu import DEFAULT_LEAD_BYTES, DEFAULT_SEGMENT_BYTES
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -27,6 +27,8 @@ class Config:
     shutdown_grace: float = 3.0
     metrics_port: int | None = None
     disable_lazy_alloc: bool = False
+    allow_overcommit: bool = False
+    prepare_ahead_mb: int = DEFAULT_LEAD_BYTES // MiB
 
     def __attrs_post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -47,6 +49,10 @@ class Config:
             raise ConfigError(f"--lock-ttl must be > 0 (got {self.lock_ttl})")
         if self.staging_mb < 1 or self.segment_mb < 1:
             raise ConfigError("--staging-mb and --segment-mb must be >= 1")
+        if self.prepare_ahead_mb < 0:
+            raise ConfigError(
+                f"--prepare-ahead-mb must be >= 0 (got {self.prepare_ahead_mb})"
+            )
         if self.buffer_bytes < 4096:
             raise ConfigError("--cpu-buffer-size is smaller than one 4 KiB page")
 
@@ -61,3 +67,7 @@ class Config:
     @property
     def segment_bytes(self) -> int:
         return self.segment_mb * MiB
+
+    @property
+    def lead_bytes(self) -> int:
+        return self.prepare_ahead_mb * MiB

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
 import time
 
@@ -29,7 +30,12 @@ from lmcd.handlers import Handlers
 from lmcd.listener import Listener
 from lmcd.scheduler import TransferScheduler
 from lmcd.storage import StorageManager
-from lmcd_backends.pinned_cpu import PinnedCpuTier
+from lmcd_backends.pinned_cpu import (
+    PinnedCpuTier,
+    SegmentPreparer,
+    available_memory,
+    preallocate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +49,19 @@ class Daemon:
     scheduler: TransferScheduler = attrs.field(init=False)
     handlers: Handlers = attrs.field(init=False)
     listener: Listener = attrs.field(init=False)
+    preparer: SegmentPreparer = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         cfg = self.config
-        tier = PinnedCpuTier(cfg.buffer_bytes, segment_bytes=cfg.segment_bytes)
+        # Segments are prepared in worker threads (the preparer, or all at
+        # start-up): a STORE never waits for memory on the Trio thread.
+        tier = PinnedCpuTier(
+            cfg.buffer_bytes,
+            segment_bytes=cfg.segment_bytes,
+            grow_inline=False,
+            lead_bytes=cfg.lead_bytes,
+        )
+        self.preparer = SegmentPreparer(tier)
         self.storage = StorageManager(
             tier=tier, clock=time.monotonic, lock_ttl=cfg.lock_ttl
         )
@@ -81,24 +96,22 @@ class Daemon:
 
         Raises `ConfigError` when the address cannot be bound.
         """
+        self._check_memory()
         endpoint = self.listener.bind()
         if self.config.disable_lazy_alloc:
-            tier = self.storage.tier
-            assert isinstance(tier, PinnedCpuTier)
-            log.info(
-                "Allocating the whole %.2f GiB buffer now", self.config.cpu_buffer_size
-            )
             try:
-                await trio.to_thread.run_sync(tier.preallocate)
-            except MemoryError as e:
+                await self._preallocate()
+            except BaseException:
                 self.listener.close()
-                raise ConfigError(str(e)) from e
+                raise
         # Signals are caught from here on, so that one arriving during
         # start-up still means a clean shutdown rather than a traceback.
         signals = trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
         try:
             with signals as received:
                 async with trio.open_nursery() as nursery:
+                    if not self.config.disable_lazy_alloc:
+                        await nursery.start(self.preparer.run)
                     await nursery.start(self.scheduler.run)
                     await nursery.start(self.handlers.run)
                     await nursery.start(self.listener.run)
@@ -128,6 +141,47 @@ class Daemon:
         finally:
             self.listener.close()
             log.info("lmcd stopped")
+
+    def _check_memory(self) -> None:
+        """Refuse a buffer larger than the memory available (ConfigError),
+        unless --allow-overcommit, which turns that into a warning: a buffer
+        the machine cannot back ends in the OOM killer, not in an error."""
+        cfg = self.config
+        available = available_memory()
+        if available is None or cfg.buffer_bytes <= available[0]:
+            return
+        message = (
+            f"--cpu-buffer-size {cfg.cpu_buffer_size:g} GiB is more than the "
+            f"{available[0] / (1 << 30):.1f} GiB of memory available "
+            f"({available[1]})"
+        )
+        if not cfg.allow_overcommit:
+            raise ConfigError(
+                f"{message}; lower it, or pass --allow-overcommit to start anyway"
+            )
+        log.warning("%s; starting anyway (--allow-overcommit)", message)
+
+    async def _preallocate(self) -> None:
+        """--disable-lazy-alloc: obtain and commit (populate, or pin) the
+        whole buffer in worker threads, or raise ConfigError."""
+        tier = self.storage.tier
+        assert isinstance(tier, PinnedCpuTier)
+        gib = tier.capacity / (1 << 30)
+        kind = "pinned" if tier.pinned else "host"
+        log.info("Allocating and committing the whole %.2f GiB %s buffer", gib, kind)
+        started = time.perf_counter()
+        try:
+            await preallocate(tier, workers=min(8, os.cpu_count() or 1))
+        except MemoryError as e:
+            raise ConfigError(
+                f"--disable-lazy-alloc: cannot allocate the {gib:.2f} GiB buffer: {e}"
+            ) from None
+        log.info(
+            "Allocated and committed %.2f GiB of %s memory in %.1f s",
+            gib,
+            kind,
+            time.perf_counter() - started,
+        )
 
     async def _start_metrics(self, nursery: trio.Nursery) -> None:
         from lmcd import metrics
