@@ -81,8 +81,12 @@ class Daemon:
         self.handlers.on_message(identity, frames)
 
     def _extra_stats(self) -> dict[str, object]:
+        tier = self.preparer.tier
         return {
-            "pinned_memory": bool(getattr(self.storage.tier, "pinned", False)),
+            "pinned_memory": tier.pinned,
+            "preparing_bytes": tier.preparing_bytes,
+            "buffer_outruns": tier.outruns,
+            "buffer_prepare_failures": tier.prepare_failures,
             "busy_workers": self.scheduler.busy_workers,
             "max_workers": self.config.max_workers,
             "pending_replies": self.listener.pending_replies,

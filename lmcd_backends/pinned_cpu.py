@@ -422,13 +422,16 @@ class SegmentPreparer:
                         self._busy += 1
                         nursery.start_soon(self._prepare_one, size)
                     if not started and (
-                        tier.prepared_bytes
-                        or tier.prepare_failures
-                        or not tier.wanted_now()
+                        tier.prepared_bytes or tier.prepare_failures or not self._busy
                     ):
                         started = True
                         task_status.started()
-                    with trio.move_on_at(self._retry_at):
+                    # Wake up for more demand, a finished segment, or the
+                    # end of a back-off (a past deadline would spin).
+                    retry = self._retry_at
+                    with trio.move_on_at(
+                        retry if retry > trio.current_time() else math.inf
+                    ):
                         await self._wake.wait()
         finally:
             tier.on_demand = None
