@@ -449,18 +449,18 @@ class SegmentPreparer:
             memory = await trio.to_thread.run_sync(
                 tier.prepare, size, limiter=self._limiter, abandon_on_cancel=True
             )
-        except MemoryError as e:
+        except PreparationCancelled:
+            tier.unclaim(size)
+        except Exception as e:  # refused memory, or a bug: never fatal
             tier.unclaim(size)
             self._backoff = min(self.retry_max, max(self.retry_min, 2 * self._backoff))
             self._retry_at = trio.current_time() + self._backoff
-            log.warning(
-                "Cannot grow the CPU buffer past %.2f GiB: %s; retrying in %.0f s",
-                tier.prepared_bytes / (1 << 30),
-                e,
-                self._backoff,
-            )
-        except PreparationCancelled:
-            tier.unclaim(size)
+            message = "Cannot grow the CPU buffer past %.2f GiB: %s; retrying in %.0f s"
+            args = (tier.prepared_bytes / (1 << 30), e, self._backoff)
+            if isinstance(e, MemoryError):
+                log.warning(message, *args)
+            else:
+                log.exception(message, *args)
         else:
             self._backoff = 0.0
             tier.install(memory, size)
