@@ -337,11 +337,15 @@ class ProbeResult:
 
 
 class ControlProbe:
-    """A second client that keeps one NOOP or LOOKUP (alternately) in
-    flight and times each round trip, in a thread, while in a `with`."""
+    """A second client that sends a NOOP or LOOKUP (alternately) every
+    `interval` seconds, one at a time, and times each round trip, in a
+    thread, while in a `with`. Paced rather than closed-loop, so that the
+    probe itself takes little CPU from what it observes; a stall shows as
+    one long round trip."""
 
-    def __init__(self, url: str, n_keys: int = 8) -> None:
+    def __init__(self, url: str, n_keys: int = 8, interval: float = 0.001) -> None:
         self.url = url
+        self.interval = interval
         self._payloads = lookup_payloads(n_keys, hits=False)
         self._latencies: list[float] = []
         self._stop = threading.Event()
@@ -379,12 +383,14 @@ class ControlProbe:
             [_enc(int(RequestType.NOOP))],
             [_enc(int(RequestType.LOOKUP)), *self._payloads],
         ]
+        next_at = time.perf_counter()
         for uid in itertools.count():
             if uid == 1:
                 self._ready.set()  # connected and answered once
-            if self._stop.is_set():
+            if self._stop.wait(max(0.0, next_at - time.perf_counter())):
                 return
             t0 = time.perf_counter()
+            next_at = t0 + self.interval
             sock.send_multipart([_enc(uid), *frames[uid % 2]])
             if not sock.poll(30_000):
                 raise TimeoutError("no reply within 30 s")

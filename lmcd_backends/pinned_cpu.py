@@ -91,6 +91,8 @@ class PinnedCpuTier:
     huge_pages: bool = True
     # Called (on the Trio thread) when the tier wants another segment.
     on_demand: Callable[[], None] | None = None
+    # Times the fill found no prepared room while capacity was left to
+    # prepare (at most once per prepared segment).
     outruns: int = attrs.field(default=0, init=False)
     prepare_failures: int = attrs.field(default=0, init=False)
     _lead_grown_at: int = attrs.field(default=-1, init=False)
@@ -148,12 +150,14 @@ class PinnedCpuTier:
     def _outrun(self, nbytes: int) -> None:
         # The fill front caught up with the preparer: the caller evicts or
         # refuses; a larger lead makes the next burst of stores fit.
-        self.outruns += 1
-        lead = min(self._arena.capacity, 2 * self.lead_bytes)
         # Once per prepared segment: a STORE that evicts chunk after chunk
         # is one outrun, not one per chunk.
-        if lead > self.lead_bytes and self._lead_grown_at != self.prepared_bytes:
-            self._lead_grown_at = self.prepared_bytes
+        if self._lead_grown_at == self.prepared_bytes:
+            return
+        self._lead_grown_at = self.prepared_bytes
+        self.outruns += 1
+        lead = min(self._arena.capacity, 2 * self.lead_bytes)
+        if lead > self.lead_bytes:
             self.lead_bytes = lead
             log.info(
                 "Stores outran segment preparation (%d-byte chunk, %.2f GiB "
