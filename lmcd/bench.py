@@ -343,7 +343,7 @@ class ControlProbe:
     probe itself takes little CPU from what it observes; a stall shows as
     one long round trip."""
 
-    def __init__(self, url: str, n_keys: int = 8, interval: float = 0.001) -> None:
+    def __init__(self, url: str, n_keys: int = 8, interval: float = 0.002) -> None:
         self.url = url
         self.interval = interval
         self._payloads = lookup_payloads(n_keys, hits=False)
