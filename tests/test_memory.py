@@ -215,3 +215,54 @@ def test_allow_overcommit_starts_with_a_warning(server_factory: list[Server]) ->
     # Lazy: only the lead (two segments) is obtained, not the buffer.
     assert stats["capacity_bytes"] == int(size * GiB) // 4096 * 4096
     assert 0 < stats["allocated_bytes"] <= 128 << 20
+
+
+async def test_a_slow_segment_never_stalls_the_control_plane(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Segments that take a second each to obtain (a loaded machine, pinning)
+    are prepared in worker threads: NOOPs and STOREs are answered meanwhile."""
+    import time
+
+    real_prepare = PinnedCpuTier.prepare
+    prepared: list[int] = []
+
+    def prepare(self: PinnedCpuTier, size: int) -> Any:
+        if prepared:  # the first segment comes at once: start-up waits for it
+            time.sleep(1.0)
+        prepared.append(size)
+        return real_prepare(self, size)
+
+    monkeypatch.setattr(PinnedCpuTier, "prepare", prepare)
+
+    def body(port: int) -> dict[str, Any]:
+        slowest = 0.0
+        with (
+            Client("127.0.0.1", port) as client,
+            SharedKVCache.create(
+                "mla", num_layers=1, num_blocks=64, block_size=16, dim=512
+            ) as kv,  # 256 KiB chunks
+        ):
+            client.call(RequestType.REGISTER_KV_CACHE, 9, kv.register_payload())
+            ids = list(range(4 * CHUNK_BLOCKS))
+            t0 = time.monotonic()
+            # 6 MiB: more than the first 4 MiB segment holds.
+            for r in range(6):
+                ks = [
+                    {**k, "chunk_hash": bytes([r, i])}
+                    for i, k in enumerate(keys(4, "slow"))
+                ]
+                client.call(RequestType.STORE, ks, 9, ids, EVENT)
+            store_seconds = time.monotonic() - t0
+            for _ in range(20):
+                t = time.monotonic()
+                client.call(RequestType.NOOP)
+                slowest = max(slowest, time.monotonic() - t)
+            stats = client.stats()
+        return {"store_s": store_seconds, "noop_s": slowest, "stats": stats}
+
+    config = Config(host="127.0.0.1", port=0, cpu_buffer_size=16 / 1024, segment_mb=4)
+    out = await with_daemon(config, body)
+    assert out["store_s"] < 0.9  # six STOREs did not wait for a segment
+    assert out["noop_s"] < 0.5
+    assert out["stats"]["preparing_bytes"] > 0  # still preparing meanwhile
