@@ -12,11 +12,13 @@ committed* before the arena may place a chunk in it, so neither a copy nor
 - pinned segments come from the CUDA host allocator, which commits and
   locks them.
 
-Page-size policy (measured on the 2-core development VM, 1 GiB regions, GB/s
-of the region): first touch by a copy, 4 KiB pages 0.7-2.1, huge pages 4-6;
-populate ahead, 4 KiB pages 2.3-3.4, huge pages 4-11.5; a copy into
-populated memory runs at memcpy speed (about 11) either way. So: huge pages,
-populated ahead, in a worker thread.
+Page-size policy, measured on the 2-core development VM (private 1 GiB
+regions, GB/s of region; ranges over repeated runs on a shared machine):
+first touch by a copy, 4 KiB pages 0.7-2.1, huge pages 4-7; populated ahead
+(MADV_POPULATE_WRITE), 4 KiB pages 2.3-3.5, huge pages 7-11.6 typically (as
+low as 0.5 when the hypervisor must back fresh guest memory); a copy into
+populated memory runs at memcpy speed (about 11) either way. Hence: huge
+pages, populated ahead, in a worker thread, so no copy takes a page fault.
 
 Two ways to grow (`grow_inline`):
 
