@@ -4,6 +4,8 @@ worker threads, refusals logged and retried, never reported as obtained."""
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -12,9 +14,11 @@ import trio
 
 from lmcd_backends import pinned_cpu
 from lmcd_backends.pinned_cpu import (
+    PREPARE_NICENESS,
     PinnedCpuTier,
     SegmentPreparer,
     available_memory,
+    in_background_thread,
     preallocate,
 )
 
@@ -102,9 +106,10 @@ async def test_a_refused_segment_is_logged_once_and_retried_with_backoff(
 ) -> None:
     real_prepare = PinnedCpuTier.prepare
     attempts: list[float] = []
+    token = trio.lowlevel.current_trio_token()
 
     def prepare(self: PinnedCpuTier, size: int) -> object:
-        attempts.append(trio.from_thread.run_sync(trio.current_time))
+        attempts.append(trio.from_thread.run_sync(trio.current_time, trio_token=token))
         if len(attempts) <= 2:
             raise MemoryError("cannot allocate a segment: ENOMEM")
         return real_prepare(self, size)
@@ -176,3 +181,22 @@ def test_available_memory_is_read() -> None:
         "cgroup memory.max",
         "cgroup memory.limit_in_bytes",
     }
+
+
+async def test_segments_are_prepared_at_a_lower_priority() -> None:
+    seen: list[tuple[str, int]] = []
+
+    def where() -> None:
+        tid = threading.get_native_id()
+        seen.append((threading.current_thread().name, os.getpriority(0, tid)))
+
+    await in_background_thread(where)
+    name, nice = seen[0]
+    assert name == "lmcd-prepare"
+    assert nice == min(19, os.getpriority(os.PRIO_PROCESS, 0) + PREPARE_NICENESS)
+    with pytest.raises(MemoryError, match="refused"):
+        await in_background_thread(_refuse)
+
+
+def _refuse() -> None:
+    raise MemoryError("refused")
