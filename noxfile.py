@@ -1,6 +1,7 @@
-"""Nox sessions: tests, lint, typing, bench.
+"""Nox sessions: tests, tests_lmcache05, lint, typing, bench, bench_lmcache05.
 
-`python3 -m pip install nox && python3 -m nox` runs tests, lint and typing.
+`python3 -m pip install nox && python3 -m nox` runs tests (lmcache 0.3.13
+client), tests_lmcache05 (lmcache 0.5.6), lint and typing.
 `nox -s tests -- -k lookup` narrows the test run.
 """
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "typing"]
+nox.options.sessions = ["tests", "tests_lmcache05", "lint", "typing"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_external_run = True
 
@@ -31,6 +32,31 @@ REFERENCE_DEPS = [
     "aiofile",
     "transformers",
 ]
+# lmcache 0.5.6 (what `pip install lmcache` gives today): its real vLLM
+# adapters, and its own MP server as a same-run reference. Both run on CPU.
+LMCACHE_05 = "lmcache==0.5.6"
+# Its dependencies that these need (LMCACHE-DIALECTS.md §10): the client's
+# imports, then the server's extras. The caps are what 0.5.6 requires.
+LMCACHE_05_DEPS = [
+    "msgspec",
+    "pyzmq",
+    "numpy<=2.2.6",
+    "numba",
+    "cachetools",
+    "prometheus_client<=0.24.1",
+    "py-cpuinfo",
+    "sortedcontainers",
+    "requests",
+    "psutil",
+    "pyyaml",
+    "aiohttp",
+    "blake3",
+    "cryptography",
+    "opentelemetry-api<=1.40",
+    "opentelemetry-sdk<=1.40",
+    "opentelemetry-exporter-prometheus<=0.61b0",
+    "httpx",
+]
 
 
 def install(session: nox.Session, *extras: str, lmcache: str | None = None) -> None:
@@ -47,6 +73,21 @@ def tests(session: nox.Session) -> None:
     """Unit and integration tests (GPU tests skip without CUDA)."""
     install(session, "test", lmcache=LMCACHE_CLIENT)
     session.run("pytest", *session.posargs)
+
+
+def install_lmcache05(session: nox.Session) -> None:
+    """The project with its test extra, and lmcache 0.5.6 without its
+    (GPU-heavy) dependencies but with the few it needs on CPU."""
+    install(session, "test")
+    session.install(*LMCACHE_05_DEPS)
+    session.install("--no-deps", LMCACHE_05)
+
+
+@nox.session(python="3.11")
+def tests_lmcache05(session: nox.Session) -> None:
+    """lmcache 0.5.6's real adapters against its own server and lmcd (CPU)."""
+    install_lmcache05(session)
+    session.run("pytest", "tests/lmcache05", *session.posargs)
 
 
 @nox.session(python="3.11")
@@ -72,3 +113,10 @@ def bench(session: nox.Session) -> None:
     session.install(*REFERENCE_DEPS)
     session.install("--no-deps", LMCACHE_REFERENCE)
     session.run("python", "-m", "lmcd.benchmarks", *session.posargs)
+
+
+@nox.session(python="3.11")
+def bench_lmcache05(session: nox.Session) -> None:
+    """lmcd vs lmcache's own 0.5.6 server, same run, same real 0.5.6 client."""
+    install_lmcache05(session)
+    session.run("python", "-m", "lmcd.benchmarks.lmcache05", *session.posargs)

@@ -25,7 +25,7 @@ import attrs
 import msgspec
 import zmq
 
-from lmcd.wire.types import RequestType
+from lmcd.wire.lmcache03 import RequestType
 
 _enc = msgspec.msgpack.encode
 Progress = Callable[[float], None]

@@ -25,7 +25,7 @@ from lmcd.client import Client
 from lmcd.errors import LmcdError
 from lmcd.spawn import spawned_daemon
 from lmcd.transfer.layouts import DTYPE_SIZES
-from lmcd.wire.types import RequestType
+from lmcd.wire.lmcache03 import RequestType
 
 
 @attrs.frozen

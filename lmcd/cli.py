@@ -81,6 +81,34 @@ def serve(
             help="Start even when --cpu-buffer-size exceeds the available memory."
         ),
     ] = False,
+    dialect: Annotated[
+        str,
+        typer.Option(
+            help="Client dialect: auto (detected per connection), "
+            "lmcache-0.3 or lmcache-0.5."
+        ),
+    ] = "auto",
+    worker_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds after which a silent heartbeat client (lmcache 0.4+) "
+            "is unregistered."
+        ),
+    ] = 120.0,
+    pool_size: Annotated[
+        int,
+        typer.Option(
+            help="Shared-memory pool of each engine-driven worker (lmcache 0.4.7+ "
+            "CPU workers), in MiB, fully backed in /dev/shm; 0 refuses that mode."
+        ),
+    ] = 1024,
+    shm_owners: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated uids whose /dev/shm files clients may "
+            "register (default: any owner)."
+        ),
+    ] = None,
     log_level: Annotated[
         str, typer.Option(help="debug, info, warning or error.")
     ] = "info",
@@ -88,7 +116,7 @@ def serve(
     """Run the cache daemon (a drop-in for lmcache.v1.multiprocess.server)."""
     import trio
 
-    from lmcd.config import Config
+    from lmcd.config import Config, parse_uids
     from lmcd.daemon import Daemon
 
     if log_level.lower() not in LOG_LEVELS:
@@ -107,6 +135,10 @@ def serve(
             disable_lazy_alloc=disable_lazy_alloc,
             allow_overcommit=allow_overcommit,
             prepare_ahead_mb=prepare_ahead_mb,
+            dialect=dialect,
+            worker_timeout=worker_timeout,
+            pool_mb=pool_size,
+            shm_owners=None if shm_owners is None else parse_uids(shm_owners),
         )
     except ConfigError as e:
         raise _fail(str(e), 2) from None

@@ -14,7 +14,7 @@ import msgspec
 import zmq
 
 from lmcd.errors import LmcdError
-from lmcd.wire.types import RequestType
+from lmcd.wire.lmcache03 import RequestType
 
 
 class Unreachable(LmcdError):

@@ -6,6 +6,7 @@ import attrs
 
 from lmcd.errors import ConfigError
 from lmcd.transfer.cuda import DEFAULT_STAGING_BYTES
+from lmcd.wire.registry import dialects_for
 from lmcd_backends.pinned_cpu import DEFAULT_LEAD_BYTES, DEFAULT_SEGMENT_BYTES
 
 GiB = 1 << 30
@@ -29,6 +30,15 @@ class Config:
     disable_lazy_alloc: bool = False
     allow_overcommit: bool = False
     prepare_ahead_mb: int = DEFAULT_LEAD_BYTES // MiB
+    dialect: str = "auto"
+    worker_timeout: float = 120.0
+    # A heartbeat client that never pinged is reaped only after this long
+    # (lmcache's registration grace).
+    registration_grace: float = 3600.0
+    # Each engine-driven worker's shared-memory pool (MiB); 0 refuses that mode.
+    pool_mb: int = 1024
+    # uids whose /dev/shm files may be registered; None: any owner.
+    shm_owners: frozenset[int] | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -53,12 +63,29 @@ class Config:
             raise ConfigError(
                 f"--prepare-ahead-mb must be >= 0 (got {self.prepare_ahead_mb})"
             )
+        if not 0 < self.worker_timeout < float("inf"):
+            raise ConfigError(
+                f"--worker-timeout must be > 0 seconds (got {self.worker_timeout})"
+            )
+        if not 0 <= self.pool_mb <= 1 << 20:
+            raise ConfigError(
+                f"--pool-size must be 0..{1 << 20} MiB (got {self.pool_mb})"
+            )
+        dialects_for(self.dialect)  # raises ConfigError for an unknown name
         if self.buffer_bytes < 4096:
             raise ConfigError("--cpu-buffer-size is smaller than one 4 KiB page")
+        if self.shm_owners is not None and (
+            not self.shm_owners or any(not 0 <= u < 1 << 32 for u in self.shm_owners)
+        ):
+            raise ConfigError("--shm-owners must name at least one uid in 0..2^32-1")
 
     @property
     def buffer_bytes(self) -> int:
         return int(self.cpu_buffer_size * GiB)
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.pool_mb * MiB
 
     @property
     def staging_bytes(self) -> int:
@@ -71,3 +98,20 @@ class Config:
     @property
     def lead_bytes(self) -> int:
         return self.prepare_ahead_mb * MiB
+
+
+def parse_uids(text: str) -> frozenset[int]:
+    """`--shm-owners`: comma-separated numeric uids ("0,1000").
+
+    Raises `ConfigError` for anything else (names are not looked up: the
+    daemon may run where the clients' user names do not exist).
+    """
+    uids: set[int] = set()
+    for raw in text.split(","):
+        part = raw.strip()
+        if not part.isascii() or not part.isdigit():
+            raise ConfigError(
+                f"--shm-owners takes comma-separated numeric uids (got {text!r})"
+            )
+        uids.add(int(part))
+    return frozenset(uids)

@@ -5,6 +5,7 @@
                                  |-- listener   ZMQ ROUTER <-> frames
                                  |-- handlers   inline control plane, a task per copy
                                  |-- scheduler  in-flight copies and completions
+                                 |-- pools      engine-driven workers' shm pools
                                  `-- storage    index, locks, LRU over a tier
 
 Shutdown (SIGINT/SIGTERM, or cancellation): stop receiving, give in-flight
@@ -25,11 +26,16 @@ import trio
 
 from lmcd import __version__
 from lmcd.config import Config
+from lmcd.enginepool import EnginePools
 from lmcd.errors import ConfigError
 from lmcd.handlers import Handlers
 from lmcd.listener import Listener
+from lmcd.lookups import LookupJobs, Sessions
 from lmcd.scheduler import TransferScheduler
 from lmcd.storage import StorageManager
+from lmcd.tokens import TokenHasher
+from lmcd.wire.detect import DialectRouter
+from lmcd.wire.registry import dialects_for
 from lmcd_backends.pinned_cpu import (
     PinnedCpuTier,
     SegmentPreparer,
@@ -58,6 +64,7 @@ class Daemon:
     config: Config
     storage: StorageManager = attrs.field(init=False)
     scheduler: TransferScheduler = attrs.field(init=False)
+    pools: EnginePools = attrs.field(init=False)
     handlers: Handlers = attrs.field(init=False)
     listener: Listener = attrs.field(init=False)
     preparer: SegmentPreparer = attrs.field(init=False)
@@ -77,15 +84,33 @@ class Daemon:
             tier=tier, clock=time.monotonic, lock_ttl=cfg.lock_ttl
         )
         self.scheduler = TransferScheduler(
-            self.storage, cfg.chunk_size, cfg.max_workers, cfg.staging_bytes
+            self.storage,
+            cfg.chunk_size,
+            cfg.max_workers,
+            cfg.staging_bytes,
+            shm_owners=cfg.shm_owners,
         )
+        sessions = Sessions(TokenHasher(cfg.chunk_size), time.monotonic)
+        self.pools = EnginePools(
+            self.storage,
+            sessions,
+            cfg.chunk_size,
+            cfg.pool_bytes,
+            cfg.max_workers,
+            clock=time.monotonic,
+        )
+        self.scheduler.peers.append(self.pools)
         self.listener = Listener(cfg.host, cfg.port, self._on_message)
         self.handlers = Handlers(
             self.storage,
             self.scheduler,
             cfg.chunk_size,
             self.listener.send,
+            DialectRouter(dialects_for(cfg.dialect)),
+            sessions,
+            LookupJobs(time.monotonic),
             extra_stats=self._extra_stats,
+            pools=self.pools,
         )
 
     def _on_message(self, identity: bytes, frames: list[bytes]) -> None:
@@ -102,6 +127,7 @@ class Daemon:
             "max_workers": self.config.max_workers,
             "pending_replies": self.listener.pending_replies,
             "dropped_replies": self.listener.dropped_replies,
+            "engine_pools": self.pools.statistics(),
         }
 
     async def run(
@@ -129,8 +155,10 @@ class Daemon:
                     if not self.config.disable_lazy_alloc:
                         await nursery.start(self.preparer.run)
                     await nursery.start(self.scheduler.run)
+                    await nursery.start(self.pools.serve)
                     await nursery.start(self.handlers.run)
                     await nursery.start(self.listener.run)
+                    nursery.start_soon(self._reap_silent_workers)
                     if self.config.metrics_port is not None:
                         await self._start_metrics(nursery)
                     # Start-up objects (torch, modules) live for good: keep
@@ -198,6 +226,38 @@ class Daemon:
             kind,
             time.perf_counter() - started,
         )
+
+    async def _reap_silent_workers(self) -> None:
+        """Close the registrations of heartbeat clients (lmcache 0.4+) that
+        went silent: a worker that died without unregistering must not hold
+        its shared memory and descriptors for ever (LMCache #3206). That
+        includes engine-driven workers, whose pools are removed."""
+        cfg = self.config
+        period = min(10.0, cfg.worker_timeout / 4)
+        while True:
+            await trio.sleep(period)
+            now = time.monotonic()
+            for instance_id in self.scheduler.silent_instances(
+                now, cfg.worker_timeout, cfg.registration_grace
+            ):
+                log.warning(
+                    "Worker %d silent for over %.0f s; unregistering it",
+                    instance_id,
+                    cfg.worker_timeout,
+                )
+                self.handlers.counters.reaped_workers += 1
+                await self.scheduler.unregister(instance_id)
+            for instance_id in self.pools.silent_instances(
+                now, cfg.worker_timeout, cfg.registration_grace
+            ):
+                log.warning(
+                    "Engine-driven worker %d silent for over %.0f s; "
+                    "unregistering it and removing its pool",
+                    instance_id,
+                    cfg.worker_timeout,
+                )
+                self.handlers.counters.reaped_workers += 1
+                await self.pools.unregister(instance_id)
 
     async def _start_metrics(self, nursery: trio.Nursery) -> None:
         from lmcd import metrics

@@ -20,28 +20,42 @@ import attrs
 import trio
 
 from lmcd import __version__
+from lmcd.enginepool import EnginePools, PoolJob
 from lmcd.errors import LmcdError, ProtocolError, RegistrationError, TransferError
+from lmcd.lookups import LookupJobs, Sessions
 from lmcd.scheduler import RetrieveJob, StoreJob, TransferScheduler
 from lmcd.storage import StorageManager
-from lmcd.wire import (
-    Header,
-    PayloadError,
-    decode_header,
-    decode_request,
-    encode_reply,
-    failure_reply,
-)
+from lmcd.wire import Dialect, Message, Unsupported, parse
+from lmcd.wire.detect import Ambiguous, DialectRouter
 from lmcd.wire.types import (
+    MAX_EXPANDED_KEYS,
+    Capabilities,
     Clear,
+    CommitRetrieve,
+    CommitStore,
+    EndSession,
+    FreeLookupLocks,
     GetChunkSize,
     Lookup,
     Noop,
+    Ping,
+    PrepareRetrieve,
+    PrepareStore,
+    QueryLookup,
     RegisterKVCache,
+    RegisterPool,
+    ReportBlockAllocation,
     Request,
     Retrieve,
+    RetrieveSpan,
+    StartLookup,
     Stats,
     Store,
+    StoreSpan,
+    TokenKey,
+    TokenSpan,
     UnregisterKVCache,
+    UnregisterPool,
 )
 
 log = logging.getLogger(__name__)
@@ -54,7 +68,12 @@ class Counters:
     requests: int = 0
     malformed_messages: int = 0
     failed_requests: int = 0
+    ambiguous_messages: int = 0
+    unsupported_requests: int = 0
+    reaped_workers: int = 0
+    stream_control_frames: int = 0
     by_type: dict[str, int] = attrs.field(factory=dict)
+    by_dialect: dict[str, int] = attrs.field(factory=dict)
 
 
 @attrs.define(slots=True, eq=False)
@@ -65,13 +84,18 @@ class Handlers:
     scheduler: TransferScheduler
     chunk_size: int
     send: Send
+    router: DialectRouter
+    sessions: Sessions
+    jobs: LookupJobs
     started_at: float = attrs.field(factory=time.monotonic)
     counters: Counters = attrs.field(factory=Counters)
     extra_stats: Callable[[], dict[str, Any]] = lambda: {}
+    pools: EnginePools | None = None
     _nursery: trio.Nursery | None = None
     _inflight: int = 0
     _log_limit: RateLimitedLog = attrs.field(factory=lambda: RateLimitedLog(log))
     _idle: trio.Event = attrs.field(factory=trio.Event)
+    _unsupported_seen: set[str] = attrs.field(factory=set)
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -94,122 +118,335 @@ class Handlers:
     # -- entry point from the listener ---------------------------------------
 
     def on_message(self, identity: bytes, frames: list[bytes]) -> None:
+        if len(frames) == 3 and frames[1] == b"":
+            # lmcache 0.5's stream credit/cancel frames (`[uid, b"", b"ack"
+            # | b"cancel"]`); lmcd ends every stream at once, so a client may
+            # still send a cancel after the end. Nothing to answer.
+            self.counters.stream_control_frames += 1
+            return
         try:
-            header = decode_header(frames)
+            message = parse(frames)
         except ProtocolError as e:
             self._malformed(f"unanswerable message: {e}")
             return
         self.counters.requests += 1
         try:
-            request = decode_request(header)
-        except PayloadError as e:
-            self._malformed(str(e))
-            self._reply(identity, header, e.reply)
+            routed = self.router.route(identity, message)
+        except Ambiguous as e:
+            self.counters.ambiguous_messages += 1
+            self._log_limit.warning(
+                "Message of type %r from an undetected client left unanswered: %s",
+                message.op,
+                e,
+            )
+            return
+        dialect = routed.dialect
+        request = routed.request
+        counts = self.counters.by_dialect
+        counts[dialect.name] = counts.get(dialect.name, 0) + 1
+        if request is None:
+            error = routed.error
+            assert error is not None
+            if isinstance(error, Unsupported):
+                self._unsupported(dialect, error)
+            else:
+                self._malformed(f"{dialect.name}: {error}")
+            if error.reply is not None:
+                self.send([identity, *error.reply])
             return
         name = type(request).__name__
         self.counters.by_type[name] = self.counters.by_type.get(name, 0) + 1
-        if isinstance(request, RegisterKVCache | UnregisterKVCache | Store | Retrieve):
+        if isinstance(request, _DATA_PLANE):
             # Copies are admitted here, in arrival order (validated, memory
             # reserved or pinned, counted in flight), before their task runs:
             # an UNREGISTER that arrives after a STORE then waits for it.
             try:
                 job = self._admit(request)
             except (TransferError, ValueError) as e:
-                self._reply(
-                    identity, header, self._failed(header, f"{name} failed: {e}")
-                )
+                self._fail(identity, dialect, message, request, f"{name} failed: {e}")
                 return
             except Exception:  # a bug must not take the listener down
                 log.exception("%s crashed", name)
-                self._reply(
-                    identity, header, self._failed(header, f"{name} internal error")
+                self._fail(
+                    identity, dialect, message, request, f"{name} internal error"
                 )
                 return
             assert self._nursery is not None
             if not self._inflight:
                 self._idle = trio.Event()
             self._inflight += 1
-            self._nursery.start_soon(self._data_plane, identity, header, request, job)
+            self._nursery.start_soon(
+                self._data_plane, identity, dialect, message, request, job
+            )
             return
         try:
             value = self._control_plane(request)
         except LmcdError as e:
-            value = self._failed(header, f"{name} failed: {e}")
+            self._fail(identity, dialect, message, request, f"{name} failed: {e}")
+            return
         except Exception:  # a bug must not take the listener down
             log.exception("%s crashed", name)
-            value = self._failed(header, f"{name} failed with an internal error")
-        self._reply(identity, header, value)
+            self._fail(identity, dialect, message, request, f"{name} internal error")
+            return
+        self.send([identity, *dialect.encode(message, request, value)])
 
-    def _reply(self, identity: bytes, header: Header, value: object) -> None:
-        self.send([identity, *encode_reply(header, value)])
+    def _fail(
+        self,
+        identity: bytes,
+        dialect: Dialect,
+        message: Message,
+        request: Request,
+        what: str,
+    ) -> None:
+        self.counters.failed_requests += 1
+        self._log_limit.warning("%s", what)
+        reply = dialect.failure(message, request)
+        if reply is not None:
+            self.send([identity, *reply])
 
     def _malformed(self, what: str) -> None:
         self.counters.malformed_messages += 1
         self._log_limit.warning("Malformed message: %s", what)
 
-    def _failed(self, header: Header, what: str) -> object:
-        self.counters.failed_requests += 1
-        self._log_limit.warning("%s", what)
-        assert header.type is not None
-        return failure_reply(header.type, header.payloads)
+    def _unsupported(self, dialect: Dialect, error: Unsupported) -> None:
+        self.counters.unsupported_requests += 1
+        key = f"{dialect.name}:{error.operation}"
+        if key not in self._unsupported_seen:
+            self._unsupported_seen.add(key)
+            log.warning(
+                "%s client asked for %s, which lmcd does not offer%s "
+                "(logged once; every one is counted)",
+                dialect.name,
+                error.operation,
+                "" if error.reply is None else "; refused",
+            )
 
     # -- control plane (inline) ----------------------------------------------
 
     def _control_plane(self, request: Request) -> object:
         if isinstance(request, Lookup):
-            hits = self.storage.lookup(request.keys, request.lock)
-            return [True] * hits + [False] * (len(request.keys) - hits)
+            return self.storage.lookup(request.keys, request.lock)
         if isinstance(request, Noop):
             return "OK"
         if isinstance(request, GetChunkSize):
             return self.chunk_size
         if isinstance(request, Clear):
-            dropped = self.storage.clear()
+            dropped = self.storage.clear(force=request.force)
             log.info("Cleared %d chunks", dropped)
             return None
         if isinstance(request, Stats):
             return self.stats()
+        if isinstance(request, StartLookup):
+            self._start_lookup(request.span)
+            return None
+        if isinstance(request, QueryLookup):
+            # Lookup jobs finish as they start (every tier answers from
+            # memory), so a wait never has anything to wait for.
+            return self.jobs.collect(request.request_id)
+        if isinstance(request, FreeLookupLocks):
+            self._free_lookup_locks(request.span)
+            return None
+        if isinstance(request, EndSession):
+            self.sessions.end(request.request_id)
+            return None
+        if isinstance(request, Ping):
+            if request.instance_id is not None:
+                self.scheduler.heartbeat(request.instance_id)
+            return True
+        if isinstance(request, Capabilities):
+            return []
+        if isinstance(request, ReportBlockAllocation):
+            return None
+        # -- engine-driven pools (lmcd.enginepool): no copy, answered inline --
+        if isinstance(request, PrepareStore):
+            return self._pools().prepare_store(request)
+        if isinstance(request, CommitRetrieve):
+            return self._pools().commit_retrieve(request)
+        # -- end of engine-driven pools --
         raise ProtocolError(f"no control-plane handler for {request!r}")
+
+    def _pools(self) -> EnginePools:
+        if self.pools is None:
+            raise TransferError("engine-driven transfers are not served here")
+        return self.pools
+
+    # -- token-addressed lookups (lmcache 0.4+) ----------------------------------
+
+    def _start_lookup(self, span: TokenSpan) -> None:
+        """Run the lookup job of `span.request_id`: how many leading chunks
+        of the prompt (up to `span.end`) every rank holds, each found object
+        read-locked `span.readers` times."""
+        job = self.jobs.start(span.request_id)
+        session = self.sessions.get(span.request_id)
+        # A lookup that fails still finishes, with 0 hits: a job left
+        # running would keep its client polling until its own timeout.
+        job.hits = 0
+        session.lookup_hits = 0
+        session.lookup_span = span
+        if not self.scheduler.serves(span.model_name, span.world_size):
+            return  # lmcache answers 0 for a model no worker has registered
+        hashes = self.sessions.chunk_hashes(span)
+        if len(hashes) * span.world_size > MAX_EXPANDED_KEYS:
+            raise ProtocolError(
+                f"lookup of {len(hashes)} chunks x {span.world_size} ranks "
+                f"is over {MAX_EXPANDED_KEYS} objects"
+            )
+        keys = [
+            TokenKey(span.model_name, span.world_size, span.worker_id, h, span.salt)
+            for h in hashes
+        ]
+        job.hits = session.lookup_hits = self.storage.lookup(
+            keys, True, readers=span.readers
+        )
+
+    def _free_lookup_locks(self, span: TokenSpan) -> None:
+        """Release the read locks the request's lookup took on the chunks of
+        `[span.start, span.end)` (`span.readers` each)."""
+        session = self.sessions.get(span.request_id)
+        if session.lookup_hits < 0:
+            self.jobs.collect(span.request_id)
+            if session.lookup_hits < 0:
+                return
+        size = self.chunk_size
+        first = span.start // size
+        last = min(session.lookup_hits, span.end // size)
+        if first >= last:
+            return
+        hashes = self.sessions.chunk_hashes(span)[first:last]
+        keys = [
+            TokenKey(span.model_name, span.world_size, span.worker_id, h, span.salt)
+            for h in hashes
+        ]
+        self.storage.release(keys, span.readers)
+
+    def _span_store(self, request: StoreSpan) -> Store:
+        """The chunk-addressed STORE of a token-addressed one: its chunks'
+        keys and block ids, chunks made only of null blocks left out."""
+        instance = self.scheduler.instance(request.instance_id)
+        span = request.span
+        if span.worker_id is None:
+            raise TransferError("store keys must name a worker (rank)")
+        keys = self.sessions.keys(span)
+        ids = _single_group(request.block_ids)
+        per = instance.blocks_per_chunk
+        if len(ids) < len(keys) * per:
+            raise TransferError(
+                f"{len(ids)} block ids for {len(keys)} chunks of {per} blocks"
+            )
+        kept: list[TokenKey] = []
+        blocks: list[int] = []
+        for i, key in enumerate(keys):
+            chunk = ids[i * per : (i + 1) * per]
+            if any(chunk):  # block 0 is the engine's null block
+                kept.append(key)
+                blocks.extend(chunk)
+        return Store(tuple(kept), request.instance_id, tuple(blocks), b"")
+
+    def _span_retrieve(self, request: RetrieveSpan) -> Retrieve:
+        """The chunk-addressed RETRIEVE of a token-addressed one."""
+        instance = self.scheduler.instance(request.instance_id)
+        span = request.span
+        if span.worker_id is None:
+            raise TransferError("retrieve keys must name a worker (rank)")
+        keys = self.sessions.keys(span)
+        ids = _single_group(request.block_ids)
+        per = instance.blocks_per_chunk
+        if len(ids) < len(keys) * per:
+            raise TransferError(
+                f"{len(ids)} block ids for {len(keys)} chunks of {per} blocks"
+            )
+        return Retrieve(
+            tuple(keys),
+            request.instance_id,
+            tuple(ids[: len(keys) * per]),
+            b"",
+            skip_tokens=request.skip_tokens,
+        )
 
     # -- data plane (one task each) ------------------------------------------
 
-    def _admit(self, request: Request) -> StoreJob | RetrieveJob | None:
+    def _admit(self, request: Request) -> StoreJob | RetrieveJob | PoolJob | None:
         if isinstance(request, Store):
             return self.scheduler.admit_store(request)
         if isinstance(request, Retrieve):
             return self.scheduler.admit_retrieve(request)
+        if isinstance(request, StoreSpan):
+            # lmcache 0.4+: all or nothing.
+            return self.scheduler.admit_store(
+                self._span_store(request), all_or_nothing=True
+            )
+        if isinstance(request, RetrieveSpan):
+            try:
+                return self.scheduler.admit_retrieve(self._span_retrieve(request))
+            except LmcdError:
+                self._release_span(request)
+                raise
+        # -- engine-driven pools: admitted in arrival order, like copies --
+        if isinstance(
+            request, RegisterPool | UnregisterPool | CommitStore | PrepareRetrieve
+        ):
+            return self._pools().admit(request)
+        # -- end of engine-driven pools --
         return None
+
+    def _release_span(self, request: RetrieveSpan, done: int = 0) -> None:
+        """A token-addressed RETRIEVE that did not copy every chunk still
+        gives up its read lock on the chunks it did not copy (as lmcache's
+        server does), so that a failed retrieve leaks no lock until TTL."""
+        span = request.span
+        if span.worker_id is None:
+            return
+        keys = self.sessions.keys(span)[done:]
+        if keys:
+            self.storage.release(keys, 1)
 
     async def _data_plane(
         self,
         identity: bytes,
-        header: Header,
+        dialect: Dialect,
+        message: Message,
         request: Request,
-        job: StoreJob | RetrieveJob | None,
+        job: StoreJob | RetrieveJob | PoolJob | None,
     ) -> None:
+        name = type(request).__name__
         try:
             value = await self._serve_data(request, job)
         except (TransferError, RegistrationError, ValueError) as e:
-            value = self._failed(header, f"{type(request).__name__} failed: {e}")
+            self._fail(identity, dialect, message, request, f"{name} failed: {e}")
+            return
         except Exception:  # a bug must not take the daemon down
-            log.exception("%s crashed", type(request).__name__)
-            value = self._failed(header, f"{type(request).__name__} internal error")
+            log.exception("%s crashed", name)
+            self._fail(identity, dialect, message, request, f"{name} internal error")
+            return
         finally:
             self._inflight -= 1
             if not self._inflight:
                 self._idle.set()
-        self._reply(identity, header, value)
+        self.send([identity, *dialect.encode(message, request, value)])
 
     async def _serve_data(
-        self, request: Request, job: StoreJob | RetrieveJob | None
+        self, request: Request, job: StoreJob | RetrieveJob | PoolJob | None
     ) -> object:
+        if isinstance(job, PoolJob):  # engine-driven pools
+            return await self._pools().run(job)
         if isinstance(job, StoreJob):
             return await self.scheduler.run_store(job)
         if isinstance(job, RetrieveJob):
-            return await self.scheduler.run_retrieve(job)
+            if not isinstance(request, RetrieveSpan):
+                return await self.scheduler.run_retrieve(job)
+            found = 0
+            try:
+                result = await self.scheduler.run_retrieve(job)
+                found = result.found
+            finally:
+                self._release_span(request, found)
+            return result
         if isinstance(request, RegisterKVCache):
             # The protocol has no error channel for REGISTER: a failure is
             # logged and counted, and the client still gets its (empty) reply.
+            if request.refresh and self.scheduler.touch(request.instance_id):
+                # lmcache 0.5: registering a known instance only refreshes it.
+                return None
             try:
                 await self.scheduler.register(request)
             except RegistrationError as e:
@@ -264,7 +501,15 @@ class Handlers:
             "requests_by_type": dict(self.counters.by_type),
             "failed_requests": self.counters.failed_requests,
             "malformed_messages": self.counters.malformed_messages,
+            "ambiguous_messages": self.counters.ambiguous_messages,
+            "unsupported_requests": self.counters.unsupported_requests,
+            "reaped_workers": self.counters.reaped_workers,
+            "requests_by_dialect": dict(self.counters.by_dialect),
+            "connections_by_dialect": self.router.connections(),
+            "dialects": [d.name for d in self.router.dialects],
             "inflight_requests": self._inflight,
+            "sessions": attrs.asdict(self.sessions.statistics()),
+            "lookup_jobs": attrs.asdict(self.jobs.statistics()),
             "models": {
                 name: {"chunks": u.chunks, "bytes": u.bytes}
                 for name, u in s.models.items()
@@ -272,6 +517,32 @@ class Handlers:
             "instances": [i.describe() for i in self.scheduler.instances()],
             **self.extra_stats(),
         }
+
+
+_DATA_PLANE = (
+    RegisterKVCache,
+    UnregisterKVCache,
+    Store,
+    Retrieve,
+    StoreSpan,
+    RetrieveSpan,
+    # engine-driven pools: a file to create, a copy or a wait
+    RegisterPool,
+    UnregisterPool,
+    CommitStore,
+    PrepareRetrieve,
+)
+
+
+def _single_group(block_ids: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
+    # Registration refuses engines with several KV-cache groups, so a
+    # request for a registered instance names exactly one.
+    if len(block_ids) != 1:
+        raise TransferError(
+            f"block ids for {len(block_ids)} KV-cache groups; lmcd serves "
+            "engines with one group"
+        )
+    return block_ids[0]
 
 
 @attrs.define(slots=True)

@@ -81,23 +81,33 @@ def render(s: dict[str, Any], rates: dict[str, float] | None = None) -> Group:
         [
             ("failed requests", str(s["failed_requests"])),
             ("malformed messages", str(s["malformed_messages"])),
+            ("ambiguous messages", str(s.get("ambiguous_messages", 0))),
+            ("unsupported requests", str(s.get("unsupported_requests", 0))),
+            ("reaped workers", str(s.get("reaped_workers", 0))),
         ],
     )
+    clients = Table(title="Clients", box=box.SIMPLE, title_justify="left")
+    for col in ("dialect", "connections", "requests"):
+        clients.add_column(col)
+    by_requests = s.get("requests_by_dialect", {})
+    for name, count in s.get("connections_by_dialect", {}).items():
+        clients.add_row(name, str(count), str(by_requests.get(name, 0)))
     models = Table(title="Models", box=box.SIMPLE, title_justify="left")
     for col in ("model", "chunks", "bytes"):
         models.add_column(col)
     for name, usage in sorted(s["models"].items()):
         models.add_row(name, str(usage["chunks"]), _size(usage["bytes"]))
     instances = Table(title="Instances", box=box.SIMPLE, title_justify="left")
-    for col in ("instance", "kind", "layout", "layers", "dtype", "block", "blocks"):
+    for col in ("instance", "model", "kind", "layout", "layers", "dtype", "block"):
         instances.add_column(col)
     for i in s["instances"]:
         instances.add_row(
-            *(str(i[f]) for f in ("instance_id", "kind", "layout", "layers")),
-            *(str(i[f]) for f in ("dtype", "block_size", "num_blocks")),
+            str(i["instance_id"]),
+            str(i.get("model_name") or "-"),
+            *(str(i[f]) for f in ("kind", "layout", "layers", "dtype", "block_size")),
         )
     head = f"lmcd {s['version']}, up {s['uptime_s']:.0f} s"
-    return Group(head, memory, cache, traffic, errors, models, instances)
+    return Group(head, memory, cache, traffic, errors, clients, models, instances)
 
 
 RATE_FIELDS = ("requests", "stored_bytes", "retrieved_bytes", "lookups")

@@ -13,10 +13,11 @@ the copy completed) the same way. Workers never touch the index.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Literal, Protocol
 
 import attrs
@@ -29,6 +30,7 @@ from lmcd.transfer.completion import Completion, Finished
 from lmcd.transfer.layouts import KVLayout, chunk_block_ids
 from lmcd.wire.types import (
     CacheKey,
+    CopyResult,
     CudaTensorRef,
     HostTensorRef,
     RegisterKVCache,
@@ -74,8 +76,8 @@ class Copier(Protocol):
 
 @attrs.frozen
 class HostCopier:
-    """`/dev/shm` KV caches: the copy runs in a worker thread; its result is
-    the completion (`Finished`, with the client's own event handle)."""
+    """`/dev/shm` KV caches: the copy runs in worker threads; their result
+    is the completion (`Finished`: no device event)."""
 
     async def store(
         self,
@@ -86,7 +88,7 @@ class HostCopier:
         limiter: trio.CapacityLimiter,
     ) -> Completion:
         await trio.to_thread.run_sync(host.gather, kv, chunks, limiter=limiter)
-        return Finished(event_handle)
+        return Finished()
 
     async def retrieve(
         self,
@@ -97,7 +99,7 @@ class HostCopier:
         limiter: trio.CapacityLimiter,
     ) -> Completion:
         await trio.to_thread.run_sync(host.scatter, kv, chunks, limiter=limiter)
-        return Finished(event_handle)
+        return Finished()
 
 
 @attrs.frozen
@@ -133,6 +135,23 @@ class CudaCopier:
 COPIERS: dict[str, Copier] = {"host": HostCopier(), "cuda": CudaCopier()}
 
 
+class EngineRegistry(Protocol):
+    """Engines registered outside the scheduler (lmcd.enginepool's
+    engine-driven workers): they count for `serves` and take heartbeats."""
+
+    def serves(self, model_name: str, world_size: int) -> bool: ...
+
+    def touch(self, instance_id: int) -> bool: ...
+
+
+@attrs.define(slots=True, eq=False)
+class _IdLock:
+    """The registration lock of one instance id and how many tasks use it."""
+
+    lock: trio.Lock = attrs.field(factory=trio.Lock)
+    users: int = 0
+
+
 @attrs.define(slots=True, eq=False)
 class Instance:
     """One registered KV cache (one vLLM worker)."""
@@ -141,6 +160,13 @@ class Instance:
     kind: Literal["cuda", "host"]
     kv: host.HostKV | cuda.CudaKV
     blocks_per_chunk: int
+    model_name: str | None = None
+    world_size: int | None = None
+    # Heartbeat-era clients (lmcache 0.4+) ping; one that goes silent is
+    # reaped. `pinged`: it has pinged at least once (lmcache's reap rule).
+    heartbeat: bool = False
+    pinged: bool = False
+    last_seen: float = attrs.field(factory=time.monotonic)
     inflight: int = 0
     closing: bool = False
     idle: trio.Event = attrs.field(factory=trio.Event)
@@ -159,6 +185,8 @@ class Instance:
         return {
             "instance_id": self.instance_id,
             "kind": self.kind,
+            "model_name": self.model_name,
+            "world_size": self.world_size,
             "layout": layout.kind,
             "layers": layout.num_layers,
             "dtype": layout.dtype,
@@ -199,9 +227,17 @@ class TransferScheduler:
     chunk_size: int
     max_workers: int = 1
     staging_bytes: int = cuda.DEFAULT_STAGING_BYTES
+    # uids whose /dev/shm files may be registered (None: any); --shm-owners.
+    shm_owners: frozenset[int] | None = None
+    # Shared-memory files held open at once, over all registrations (each is
+    # a descriptor); None: `host.default_file_limit()`.
+    shm_file_limit: int | None = None
     _limiter: trio.CapacityLimiter = attrs.field(init=False)
     _instances: dict[int, Instance] = attrs.field(factory=dict, init=False)
+    _registrations: dict[int, _IdLock] = attrs.field(factory=dict, init=False)
+    _shm_files: int = attrs.field(default=0, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+    peers: list[EngineRegistry] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._limiter = trio.CapacityLimiter(self.max_workers)
@@ -233,33 +269,49 @@ class TransferScheduler:
     async def register(self, request: RegisterKVCache) -> Instance:
         """Open the request's KV cache (replacing one of the same id).
 
+        REGISTERs and UNREGISTERs of one instance id run one at a time, so
+        two that arrive together leave exactly one open registration (the
+        one that ran last) and every replaced one is closed.
+
         Raises `RegistrationError` when it cannot be opened.
         """
-        if request.instance_id in self._instances:
-            log.warning("GPU ID %d registered again; replacing", request.instance_id)
-            await self.unregister(request.instance_id)
-        refs = request.layers
-        if all(isinstance(r, HostTensorRef) for r in refs):
-            host_refs = [r for r in refs if isinstance(r, HostTensorRef)]
-            kv: host.HostKV | cuda.CudaKV = await trio.to_thread.run_sync(
-                host.open_host_kv, host_refs
+        async with self._serialized(request.instance_id):
+            if request.instance_id in self._instances:
+                log.warning(
+                    "GPU ID %d registered again; replacing", request.instance_id
+                )
+                await self._unregister(request.instance_id)
+            reserved = self._reserve_files(request)
+            try:
+                kv = await self._open(request)
+            finally:
+                self._shm_files -= reserved
+            if isinstance(kv, host.HostKV):
+                self._shm_files += len(kv.files)
+            try:
+                blocks = kv.layout.blocks_per_chunk(self.chunk_size)
+            except RegistrationError:
+                self._close(kv)
+                raise
+            kind: Literal["cuda", "host"] = (
+                "host" if isinstance(kv, host.HostKV) else "cuda"
             )
-            kind: Literal["cuda", "host"] = "host"
-        elif all(isinstance(r, CudaTensorRef) for r in refs):
-            cuda_refs = [r for r in refs if isinstance(r, CudaTensorRef)]
-            kv = await trio.to_thread.run_sync(
-                cuda.open_cuda_kv, cuda_refs, self.staging_bytes
+            if len(request.groups) > 1:
+                self._close(kv)
+                raise RegistrationError(
+                    f"{len(request.groups)} KV-cache groups; lmcd serves engines "
+                    "whose layers form one group (standard attention models)"
+                )
+            instance = Instance(
+                request.instance_id,
+                kind,
+                kv,
+                blocks,
+                model_name=request.model_name,
+                world_size=request.world_size,
+                heartbeat=request.refresh,
             )
-            kind = "cuda"
-        else:
-            raise RegistrationError("KV cache mixes CUDA and host layers")
-        try:
-            blocks = kv.layout.blocks_per_chunk(self.chunk_size)
-        except RegistrationError:
-            kv.close()
-            raise
-        instance = Instance(request.instance_id, kind, kv, blocks)
-        self._instances[request.instance_id] = instance
+            self._instances[request.instance_id] = instance
         log.info(
             "Registered KV cache for GPU ID %d with %d layers",
             request.instance_id,
@@ -267,9 +319,50 @@ class TransferScheduler:
         )
         return instance
 
+    def _reserve_files(self, request: RegisterKVCache) -> int:
+        """Count the request's shared-memory files against the limit before
+        opening them (so concurrent REGISTERs cannot overshoot it)."""
+        wanted = len({r.path for r in request.layers if isinstance(r, HostTensorRef)})
+        limit = self.shm_file_limit
+        if limit is None:
+            limit = host.default_file_limit()
+        if wanted and self._shm_files + wanted > limit:
+            raise RegistrationError(
+                f"{wanted} more shared-memory files would exceed the limit of "
+                f"{limit} open at once ({self._shm_files} are)"
+            )
+        self._shm_files += wanted
+        return wanted
+
+    def _close(self, kv: host.HostKV | cuda.CudaKV) -> None:
+        if isinstance(kv, host.HostKV):
+            self._shm_files -= len(kv.files)
+        kv.close()
+
+    async def _open(self, request: RegisterKVCache) -> host.HostKV | cuda.CudaKV:
+        refs = request.layers
+        if all(isinstance(r, HostTensorRef) for r in refs):
+            host_refs = [r for r in refs if isinstance(r, HostTensorRef)]
+            # Not cancellable: a descriptor opened in the thread is always
+            # handed back, so it is always closed or registered.
+            return await trio.to_thread.run_sync(
+                functools.partial(host.open_host_kv, host_refs, owners=self.shm_owners)
+            )
+        if all(isinstance(r, CudaTensorRef) for r in refs):
+            cuda_refs = [r for r in refs if isinstance(r, CudaTensorRef)]
+            return await trio.to_thread.run_sync(
+                cuda.open_cuda_kv, cuda_refs, self.staging_bytes
+            )
+        raise RegistrationError("KV cache mixes CUDA and host layers")
+
     async def unregister(self, instance_id: int) -> bool:
-        """Wait for the instance's copies, then release everything it held.
-        Returns False (and logs a warning) for an unknown instance."""
+        """Wait for the instance's copies, then release everything it held
+        (every descriptor and mapping). Returns False (and logs a warning)
+        for an unknown instance."""
+        async with self._serialized(instance_id):
+            return await self._unregister(instance_id)
+
+    async def _unregister(self, instance_id: int) -> bool:
         instance = self._instances.get(instance_id)
         if instance is None:
             log.warning("No KV cache found for GPU ID %d to unregister", instance_id)
@@ -279,9 +372,25 @@ class TransferScheduler:
             await instance.idle.wait()
         if self._instances.get(instance_id) is instance:
             del self._instances[instance_id]
-        instance.kv.close()
+        self._close(instance.kv)
         log.info("Unregistered KV cache for GPU ID %d", instance_id)
         return True
+
+    @contextlib.asynccontextmanager
+    async def _serialized(self, instance_id: int) -> AsyncIterator[None]:
+        """Hold the per-id registration lock (FIFO); the entry is dropped
+        once nobody holds or waits for it, so ids do not accumulate."""
+        entry = self._registrations.get(instance_id)
+        if entry is None:
+            entry = self._registrations[instance_id] = _IdLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._registrations[instance_id]
 
     def attach(self, instance: Instance) -> None:
         """Serve an already opened instance (for tests and other front ends
@@ -290,11 +399,49 @@ class TransferScheduler:
             raise RegistrationError(f"GPU ID {instance.instance_id} is registered")
         self._instances[instance.instance_id] = instance
 
-    def _instance(self, instance_id: int) -> Instance:
+    def instance(self, instance_id: int) -> Instance:
+        """The registered instance (its last activity refreshed). Raises
+        `TransferError` for an unknown or closing one."""
         instance = self._instances.get(instance_id)
         if instance is None or instance.closing:
             raise TransferError(f"no KV cache registered for GPU ID {instance_id}")
+        instance.last_seen = time.monotonic()
         return instance
+
+    def touch(self, instance_id: int) -> bool:
+        """A heartbeat from `instance_id`; False if it is not registered."""
+        instance = self._instances.get(instance_id)
+        if instance is None or instance.closing:
+            return False
+        instance.last_seen = time.monotonic()
+        instance.pinged = True
+        return True
+
+    def heartbeat(self, instance_id: int) -> bool:
+        """A ping from `instance_id`, whichever registry holds it (`touch`
+        only refreshes the scheduler's own KV caches)."""
+        found = self.touch(instance_id)
+        for peer in self.peers:
+            found = peer.touch(instance_id) or found
+        return found
+
+    def serves(self, model_name: str, world_size: int) -> bool:
+        """Whether some registered engine runs this model at this world size."""
+        return any(
+            i.model_name == model_name and i.world_size == world_size
+            for i in self._instances.values()
+        ) or any(p.serves(model_name, world_size) for p in self.peers)
+
+    def silent_instances(self, now: float, timeout: float, grace: float) -> list[int]:
+        """Heartbeat clients silent for longer than `timeout` (after their
+        first ping) or `grace` (never pinged): the ones to reap."""
+        return [
+            i.instance_id
+            for i in self._instances.values()
+            if i.heartbeat
+            and not i.closing
+            and now - i.last_seen > (timeout if i.pinged else grace)
+        ]
 
     def _plan(
         self, instance: Instance, keys: Sequence[CacheKey], block_ids: Sequence[int]
@@ -317,17 +464,19 @@ class TransferScheduler:
 
     # -- store ---------------------------------------------------------------
 
-    def admit_store(self, request: Store) -> StoreJob:
+    def admit_store(self, request: Store, all_or_nothing: bool = False) -> StoreJob:
         """Admit a STORE in arrival order (synchronously, on the Trio thread):
         validate it, reserve its chunks and count it in flight, so that an
-        UNREGISTER that arrives after it waits for it.
+        UNREGISTER that arrives after it waits for it. `all_or_nothing`: a
+        STORE that cannot reserve every chunk reserves none.
 
-        Raises `TransferError` for an unknown instance, bad block ids or a
-        memory tier that fails (nothing stays reserved), and `ValueError`
-        for a chunk that can never fit the buffer.
+        Raises `TransferError` for an unknown instance, bad block ids, a
+        memory tier that fails (nothing stays reserved) or (all or nothing)
+        a full buffer, and `ValueError` for a chunk that can never fit the
+        buffer.
         """
         started = time.perf_counter()
-        instance = self._instance(request.instance_id)
+        instance = self.instance(request.instance_id)
         plan = self._plan(instance, request.keys, request.block_ids)
         layout = instance.layout
         try:
@@ -336,6 +485,11 @@ class TransferScheduler:
             )
         except TierError as e:
             raise TransferError(f"store refused: {e}") from e
+        if all_or_nothing and not reservation.ok:
+            self.storage.abort(reservation)
+            raise TransferError(
+                f"no room for {reservation.refused} of {len(request.keys)} chunks"
+            )
         try:
             chunks = [
                 (plan[i], self.storage.buffer(entry))
@@ -352,15 +506,14 @@ class TransferScheduler:
             self._begin(instance)
         return StoreJob(instance, request, reservation, chunks, started)
 
-    async def run_store(self, job: StoreJob) -> list[object]:
-        """Copy an admitted STORE's chunks and commit them once copied;
-        returns the reply, `[event_handle, ok]`.
+    async def run_store(self, job: StoreJob) -> CopyResult:
+        """Copy an admitted STORE's chunks and commit them once copied.
 
         Raises `TransferError` when the copy fails (its chunks are dropped).
         """
         instance, request, reservation = job.instance, job.request, job.reservation
         if not job.chunks:
-            return [request.event_handle, reservation.ok]
+            return CopyResult(reservation.ok)
         n = len(job.chunks)
 
         def finish(completed: bool) -> None:
@@ -379,7 +532,7 @@ class TransferScheduler:
             self._limiter,
         )
         handle = await self._copy(instance, "store", issue, finish)
-        return [handle, reservation.ok]
+        return CopyResult(reservation.ok, handle)
 
     # -- retrieve ------------------------------------------------------------
 
@@ -390,7 +543,7 @@ class TransferScheduler:
         Raises `TransferError` for an unknown instance or bad block ids.
         """
         started = time.perf_counter()
-        instance = self._instance(request.instance_id)
+        instance = self.instance(request.instance_id)
         plan = self._plan(instance, request.keys, request.block_ids)
         layout = instance.layout
         pin = self.storage.pin(
@@ -409,18 +562,16 @@ class TransferScheduler:
             self._begin(instance)
         return RetrieveJob(instance, request, pin, chunks, started)
 
-    async def run_retrieve(self, job: RetrieveJob) -> list[object]:
+    async def run_retrieve(self, job: RetrieveJob) -> CopyResult:
         """Copy an admitted RETRIEVE's chunks into their blocks, then unpin;
-        returns the reply, `[event_handle, found]` (true for the leading
-        chunks copied).
+        the result counts the leading chunks copied.
 
         Raises `TransferError` when the copy fails.
         """
         instance, request, pin = job.instance, job.request, job.pin
         n = len(job.chunks)
-        found = [True] * n + [False] * (len(request.keys) - n)
         if not n:
-            return [request.event_handle, found]
+            return CopyResult(n == len(request.keys), None, n)
 
         def finish(completed: bool) -> None:
             if completed:
@@ -436,7 +587,7 @@ class TransferScheduler:
             self._limiter,
         )
         handle = await self._copy(instance, "retrieve", issue, finish)
-        return [handle, found]
+        return CopyResult(n == len(request.keys), handle, n)
 
     # -- completion: one path for every kind of copy -------------------------
 
@@ -446,8 +597,9 @@ class TransferScheduler:
         what: str,
         issue: Callable[[], Awaitable[Completion]],
         finish: Callable[[bool], None],
-    ) -> bytes:
-        """Issue a copy and settle it; returns the reply's event handle.
+    ) -> bytes | None:
+        """Issue a copy and settle it; returns the reply's event handle
+        (None: no device work pending, the host path).
 
         `finish(completed)` runs exactly once: True once the completion's
         `wait()` returned, False when issuing or waiting failed or was

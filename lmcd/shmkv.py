@@ -13,6 +13,7 @@ PROTOCOL.md); lmcd maps the same file and copies blocks in and out of it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import math
 import mmap
@@ -22,22 +23,59 @@ from typing import Any, Literal
 import attrs
 import msgspec
 
-from lmcd.transfer.host import SHM_ROOT, torch_dtype
+from lmcd.errors import RegistrationError
+from lmcd.transfer.host import SHM_ROOT, shm_file_name, torch_dtype
 from lmcd.transfer.layouts import DTYPE_SIZES
-from lmcd.wire.codec import EXT_HOST_TENSOR
+from lmcd.wire.lmcache03 import EXT_HOST_TENSOR
 
 _counter = itertools.count()
+
+
+def _create(path: str, nbytes: int) -> mmap.mmap:
+    """A new, fully backed file of `nbytes`, mapped; removed on failure."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        _back(fd, path, nbytes)
+        return mmap.mmap(fd, nbytes)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _back(fd: int, path: str, nbytes: int) -> None:
+    """Allocate every byte of the file (not a sparse `ftruncate`)."""
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+            raise RegistrationError(
+                f"cannot allocate {nbytes} bytes for {path}: {e.strerror} "
+                f"(is {os.path.dirname(path)} full?)"
+            ) from e
+        raise RegistrationError(f"cannot allocate {path}: {e.strerror}") from e
 
 
 @attrs.define(eq=False)
 class SharedKVCache:
     """A paged KV cache, one tensor per layer, in one shared-memory file."""
 
-    path: str
+    paths: list[str]
     shape: tuple[int, ...]
     dtype: str
     layers: list[Any]
-    _map: mmap.mmap | None
+    _maps: list[mmap.mmap]
+
+    @property
+    def path(self) -> str:
+        """The (first) file."""
+        return self.paths[0]
+
+    @path.setter
+    def path(self, value: str) -> None:
+        self.paths[0] = value
 
     @classmethod
     def create(
@@ -52,9 +90,24 @@ class SharedKVCache:
         dim: int = 576,
         dtype: str = "bfloat16",
         name: str = "kv",
+        shm_dir: str = SHM_ROOT,
+        file_per_layer: bool = False,
     ) -> SharedKVCache:
-        """Create the file and tensors (zero-filled). `num_heads`/`head_size`
-        are for MHA, `dim` for MLA."""
+        """Create the file(s) and tensors (zero-filled). `num_heads`/
+        `head_size` are for MHA, `dim` for MLA; `name` must be letters,
+        digits, ".", "_" or "-" (lmcd registers only `lmcd-*` names).
+
+        All layers share one file, unless `file_per_layer` (the layout of
+        lmcache 0.5's `cpu_shm` tensors, one segment per layer): lmcd can
+        copy into several files at once, while writes into one file are
+        serialized by the kernel.
+
+        Every page is allocated here (`posix_fallocate`), never left sparse:
+        a sparse page that a full tmpfs cannot back later would fail a copy
+        (and kill any process that touches it through a map). Raises
+        `RegistrationError` for a `name` lmcd would refuse and when the tmpfs
+        has no room.
+        """
         import torch
 
         if kind == "mha":
@@ -62,50 +115,63 @@ class SharedKVCache:
         else:
             shape = (num_blocks, block_size, dim)
         layer_bytes = math.prod(shape) * DTYPE_SIZES[dtype]
-        path = f"{SHM_ROOT}/lmcd-{name}-{os.getpid()}-{next(_counter)}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        sizes = (
+            [layer_bytes] * num_layers if file_per_layer else [layer_bytes * num_layers]
+        )
+        kv = cls([], shape, dtype, [], [])
         try:
-            os.ftruncate(fd, layer_bytes * num_layers)
-            m = mmap.mmap(fd, layer_bytes * num_layers)
-        finally:
-            os.close(fd)
-        flat = torch.frombuffer(m, dtype=torch.uint8)
-        layers = [
-            flat[i * layer_bytes : (i + 1) * layer_bytes]
-            .view(torch_dtype(dtype))
-            .view(shape)
-            for i in range(num_layers)
-        ]
-        return cls(path, shape, dtype, layers, m)
+            for size in sizes:
+                path = f"{shm_dir}/lmcd-{name}-{os.getpid()}-{next(_counter)}"
+                shm_file_name(path, shm_dir)  # a name lmcd will accept, or raise
+                kv._maps.append(_create(path, size))
+                kv.paths.append(path)
+        except BaseException:
+            kv.close()
+            raise
+        for m in kv._maps:
+            flat = torch.frombuffer(m, dtype=torch.uint8)
+            kv.layers += [
+                flat[i * layer_bytes : (i + 1) * layer_bytes]
+                .view(torch_dtype(dtype))
+                .view(shape)
+                for i in range(len(m) // layer_bytes)
+            ]
+        return kv
+
+    def _spans(self) -> list[tuple[str, int]]:
+        layer_bytes = math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+        if len(self.paths) > 1:
+            return [(p, 0) for p in self.paths]
+        return [(self.path, i * layer_bytes) for i in range(len(self.layers))]
 
     def register_payload(self) -> list[msgspec.msgpack.Ext]:
         """The `kv_caches` payload of REGISTER_KV_CACHE for this cache."""
-        layer_bytes = math.prod(self.shape) * DTYPE_SIZES[self.dtype]
         return [
             msgspec.msgpack.Ext(
                 EXT_HOST_TENSOR,
                 msgspec.msgpack.encode(
                     {
-                        "path": self.path,
-                        "offset": i * layer_bytes,
+                        "path": path,
+                        "offset": offset,
                         "shape": list(self.shape),
                         "dtype": self.dtype,
                     }
                 ),
             )
-            for i in range(len(self.layers))
+            for path, offset in self._spans()
         ]
 
     def close(self) -> None:
-        """Drop the tensors, unmap and delete the file."""
+        """Drop the tensors, unmap and delete the files."""
         self.layers.clear()
-        if self._map is not None:
+        for m in self._maps:
             # A caller may still hold a view; the GC unmaps it then.
             with contextlib.suppress(BufferError):
-                self._map.close()
-            self._map = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+                m.close()
+        self._maps.clear()
+        for path in self.paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     def __enter__(self) -> SharedKVCache:
         return self

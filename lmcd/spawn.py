@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 from lmcd.client import Client, Unreachable
 from lmcd.errors import LmcdError
-from lmcd.wire.types import RequestType
+from lmcd.wire.lmcache03 import RequestType
 
 
 def free_port() -> int:

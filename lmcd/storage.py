@@ -296,9 +296,10 @@ class StorageManager:
 
     # -- lookup and retrieve -------------------------------------------------
 
-    def lookup(self, keys: Sequence[CacheKey], lock: bool) -> int:
+    def lookup(self, keys: Sequence[CacheKey], lock: bool, readers: int = 1) -> int:
         """How many leading `keys` are committed (a nil worker id: for every
-        rank). With `lock`, each found chunk gains a lock for `lock_ttl` s."""
+        rank). With `lock`, each found chunk gains `readers` locks for
+        `lock_ttl` s (each completed retrieve of it releases one)."""
         self.expire_locks()
         self._c.lookups += 1
         found: list[Entry] = []
@@ -329,7 +330,7 @@ class StorageManager:
                 else:
                     self._locked += 1
                     discard(entry.key)
-                entry.locks += 1
+                entry.locks += readers
                 entry.lock_expiry = expiry
                 order[entry] = None
         else:
@@ -394,6 +395,26 @@ class StorageManager:
         self._c.retrieved_chunks += retrieved
         self._c.retrieved_bytes += nbytes
 
+    def release(self, keys: Sequence[CacheKey], count: int) -> int:
+        """Give up `count` lookup locks on each of `keys` (per-rank keys; a
+        nil worker id: every rank) that holds any. Returns how many locks
+        were released."""
+        released = 0
+        index = self._index
+        for key in keys:
+            for rank_key in key.ranks():
+                entry = index.get(rank_key)
+                if entry is None or not entry.locks:
+                    continue
+                n = min(count, entry.locks)
+                entry.locks -= n
+                released += n
+                if not entry.locks:
+                    self._unlock(entry)
+                    if not entry.pins:
+                        self.policy.add(entry.key)
+        return released
+
     def expire_locks(self) -> None:
         """Drop locks whose TTL has passed (leaked by clients that never
         retrieved); called by every operation, cheap when none is due."""
@@ -416,12 +437,20 @@ class StorageManager:
 
     # -- clear ---------------------------------------------------------------
 
-    def clear(self) -> int:
-        """Drop every chunk. Memory that a copy is using is freed when the
-        copy lets go; nothing is visible to lookups after this. Returns the
-        number of chunks dropped."""
-        dropped = len(self._index)
+    def clear(self, force: bool = True) -> int:
+        """Drop every chunk (`force`), or every chunk not in use: without
+        `force`, chunks that are locked by a lookup, pinned by a retrieve or
+        being stored stay. Memory that a copy is using is freed when the
+        copy lets go; nothing dropped is visible to lookups after this.
+        Returns the number of chunks dropped."""
+        self.expire_locks()
+        dropped = 0
         for entry in list(self._index.values()):
+            if not force and (
+                entry.locks or entry.pins or entry.state is State.RESERVED
+            ):
+                continue
+            dropped += 1
             del self._index[entry.key]
             self.policy.discard(entry.key)
             if entry.locks:

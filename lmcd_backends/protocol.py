@@ -8,6 +8,7 @@ where, and an eviction policy decides what goes.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -108,8 +109,6 @@ class ObjectId:
         """A stable, file- and URL-safe name (hex of a 128-bit digest of
         all three fields). Not a security boundary: tiers store and check
         the full id next to the payload."""
-        import hashlib
-
         h = hashlib.blake2b(digest_size=16)
         for part in (self.key, self.layout.encode(), str(self.nbytes).encode()):
             h.update(len(part).to_bytes(4, "little"))
@@ -119,18 +118,25 @@ class ObjectId:
 
 @attrs.frozen
 class CopyTierUsage:
-    """A snapshot of a copy-holding tier (bytes and counts)."""
+    """A snapshot of a copy-holding tier (bytes and counts).
+
+    Counters count chunks since the tier was created: `reads`/`read_bytes`
+    the chunks served (payload bytes), `writes`/`written_bytes` the chunks
+    stored.
+    """
 
     capacity_bytes: int  # 0: the tier does not know (a remote cluster)
-    used_bytes: int
+    used_bytes: int  # on the tier, overheads included; in-flight writes count
     objects: int
     reads: int
     read_bytes: int
     writes: int
     written_bytes: int
     read_failures: int  # I/O errors and failed verifications: served as misses
-    verify_failures: int
-    queue_depth: int  # operations submitted and not finished
+    verify_failures: int  # the part of read_failures that failed a check
+    queue_depth: int  # chunk operations submitted and not finished
+    write_failures: int = 0  # puts that failed (I/O error, unstorable id)
+    refused_writes: int = 0  # puts refused because they would pass capacity
 
 
 @attrs.frozen
@@ -155,7 +161,15 @@ class CopyTier(Protocol):
 
     Failures of single objects are results (False, a miss), not exceptions:
     a chunk that cannot be read or does not verify is a miss, never wrong
-    bytes. `TierError` is raised only when the tier as a whole cannot serve.
+    bytes. `TierError` is raised only when the tier as a whole cannot serve
+    (and by the batched methods after `aclose`; `health` then reports
+    unhealthy, `usage` still answers); `ValueError` for a buffer that is
+    not `id.nbytes` long (a caller bug), before any I/O of the batch.
+
+    Construction does no I/O: the first method awaited opens the tier
+    (connects, or claims and recovers a directory); start-up calls `scan()`
+    first. A cancelled call may have taken effect for some items and not for
+    others; its buffers are released all the same.
     """
 
     name: str
@@ -167,7 +181,10 @@ class CopyTier(Protocol):
     async def put(self, items: Sequence[tuple[ObjectId, Any]]) -> list[bool]:
         """Store each `(id, buffer)` (a 1-D uint8 tensor or bytes-like of
         `id.nbytes`); the buffer is read before this returns and must not be
-        changed meanwhile. Returns per item whether it is now held."""
+        changed meanwhile. Returns per item whether it is now held (an id
+        names immutable content: one already held need not be rewritten). A put
+        that would pass the tier's capacity is refused (False) rather than
+        evicting: the manager deletes and retries."""
         ...
 
     async def get_into(self, items: Sequence[tuple[ObjectId, Any]]) -> list[bool]:
@@ -177,7 +194,8 @@ class CopyTier(Protocol):
         ...
 
     async def delete(self, ids: Sequence[ObjectId]) -> None:
-        """Forget each id (no error for one not held)."""
+        """Forget each id (no error for one not held); `usage()` stops
+        counting its bytes once this returns."""
         ...
 
     def usage(self) -> CopyTierUsage:
@@ -185,9 +203,10 @@ class CopyTier(Protocol):
         ...
 
     async def scan(self) -> list[tuple[ObjectId, int]]:
-        """Every object held, with its size on the tier, for recovery at
-        start-up (a tier that cannot list, such as a shared cluster, returns
-        an empty list)."""
+        """Every object held, with its size on the tier, oldest write first,
+        for recovery at start-up (a tier that cannot list, such as a shared
+        cluster, returns an empty list). Objects need not be verified here:
+        a bad one is a miss at its first `get_into`."""
         ...
 
     async def health(self) -> TierHealth:

@@ -24,7 +24,7 @@ from lmcd.scheduler import Instance, TransferScheduler
 from lmcd.storage import StorageManager
 from lmcd.transfer.completion import EventCompletion
 from lmcd.transfer.layouts import KVLayout
-from lmcd.wire.types import CacheKey, Retrieve, Store
+from lmcd.wire.types import CacheKey, CopyResult, Retrieve, Store
 from lmcd_backends.pinned_cpu import PinnedCpuTier
 
 CHUNK_TOKENS = 256
@@ -128,7 +128,7 @@ async def test_detached_store_commits_only_once_its_event_completes(
         job = r.scheduler.admit_store(store_request(key(1), key(2)))
         reply = await r.scheduler.run_store(job)
         # The reply carries the copy's event before the copy has finished...
-        assert reply == [b"done:ev", True]
+        assert reply == CopyResult(True, b"done:ev")
         await trio.sleep(5)
         # ...and the chunks stay invisible, reserved, until it has.
         assert stored(r.storage, key(1)) == 0
@@ -216,7 +216,7 @@ async def test_attached_store_replies_only_after_commit(
         assert stored(r.storage, key(1)) == 0
         r.copier.events[0].done = True
         await trio.sleep(1)
-        assert replies == [[b"done:ev", True]]
+        assert replies == [CopyResult(True, b"done:ev")]
         assert stored(r.storage, key(1)) == 1
 
 
@@ -258,7 +258,7 @@ async def test_retrieve_keeps_its_pins_until_completion(
         assert r.storage.lookup([key(1)], lock=True) == 1
         job = r.scheduler.admit_retrieve(retrieve_request(key(1), key(9)))
         reply = await r.scheduler.run_retrieve(job)
-        assert reply == [b"done:ev", [True, False]]
+        assert reply == CopyResult(False, b"done:ev", 1)
         await trio.sleep(5)
         stats = r.storage.statistics()
         assert (stats.pinned_chunks, stats.locked_chunks) == (1, 1)

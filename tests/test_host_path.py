@@ -6,8 +6,13 @@ registers them with lmcd, and drives the real lmcache 0.3.13 client.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Iterator
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -179,29 +184,125 @@ def _register_ext(client: Any, data: dict[str, Any]) -> int:
     return instance
 
 
+def wait_logged(server: Server, since: int, text: str, timeout: float = 10.0) -> None:
+    """Wait until `text` is in what `server` logged after line `since`: a
+    case never passes on a line that an earlier case wrote."""
+    deadline = time.monotonic() + timeout
+    while text not in "".join(server.lines[since:]):
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{text!r} not logged; log since:\n{''.join(server.lines[since:])}"
+            )
+        time.sleep(0.02)
+
+
+def failed_requests(server: Server) -> int:
+    from lmcd.client import Client
+
+    with Client("127.0.0.1", server.port) as c:
+        return int(c.stats()["failed_requests"])
+
+
+def daemon_fds(server: Server) -> int:
+    return len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+
+
+def _shm_path(prefix: str) -> Path:
+    return Path("/dev/shm") / f"{prefix}{os.getpid()}-{next(_ids)}"
+
+
+@pytest.fixture
+def shm_paths() -> Iterator[list[Path]]:
+    """Paths a test makes in /dev/shm (links, directories); removed after."""
+    made: list[Path] = []
+    yield made
+    for path in reversed(made):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def _symlink(kv: SharedKVCache, made: list[Path]) -> dict[str, Any]:
+    link = _shm_path("lmcd-link-")
+    made.append(link)
+    link.symlink_to(kv.path)  # a good file: only O_NOFOLLOW refuses it
+    return {"path": str(link)}
+
+
+def _subdirectory(kv: SharedKVCache, made: list[Path]) -> dict[str, Any]:
+    sub = _shm_path("lmcd-dir-")
+    made.append(sub)
+    sub.mkdir()
+    os.link(kv.path, sub / "lmcd-inner")  # nlink 2 as well; the name is refused first
+    return {"path": str(sub / "lmcd-inner")}
+
+
+def _renamed(prefix: str) -> Callable[[SharedKVCache, list[Path]], dict[str, Any]]:
+    def make(kv: SharedKVCache, made: list[Path]) -> dict[str, Any]:
+        # The client's good file under another name (moved, so one link).
+        path = _shm_path(prefix)
+        os.rename(kv.path, path)
+        kv.path = str(path)
+        return {"path": str(path)}
+
+    return make
+
+
+def _hard_link(kv: SharedKVCache, made: list[Path]) -> dict[str, Any]:
+    link = _shm_path("lmcd-hard-")
+    made.append(link)
+    os.link(kv.path, link)
+    return {"path": str(link)}
+
+
 @pytest.mark.parametrize(
-    ("change", "logged"),
+    ("case", "change", "logged"),
     [
-        ({"path": "/etc/passwd"}, "not under /dev/shm"),
-        ({"path": "/dev/shm/../../etc/passwd"}, "not under /dev/shm"),
-        ({"path": "/dev/shm/lmcd-does-not-exist"}, "cannot open"),
-        ({"shape": [2, 12800, 16, 4, 32]}, "do not fit"),
-        ({"shape": [3, 128, 16, 4, 32]}, "neither MHA"),
+        ("outside", lambda kv, made: {"path": "/etc/passwd"}, "is not a file in"),
+        (
+            "dotdot-out",
+            lambda kv, made: {"path": "/dev/shm/../../etc/passwd"},
+            "not a registrable",
+        ),
+        (
+            "dotdot-in",
+            lambda kv, made: {"path": "/dev/shm/../shm/" + Path(kv.path).name},
+            "not a registrable",
+        ),
+        ("subdirectory", _subdirectory, "not a registrable"),
+        ("other-name", _renamed("other-"), "not a registrable"),
+        ("symlink", _symlink, "is a symbolic link"),
+        ("hard-link", _hard_link, "has 2 links"),
+        (
+            "missing",
+            lambda kv, made: {"path": "/dev/shm/lmcd-does-not-exist"},
+            "cannot open",
+        ),
+        ("too-short", lambda kv, made: {"shape": [2, 12800, 16, 4, 32]}, "do not fit"),
+        ("not-kv", lambda kv, made: {"shape": [3, 128, 16, 4, 32]}, "neither MHA"),
     ],
 )
 def test_bad_host_registrations_are_refused(
-    change: dict[str, Any],
+    case: str,
+    change: Callable[[SharedKVCache, list[Path]], dict[str, Any]],
     logged: str,
     client: Any,
     server: Server,
     kv_mha: SharedKVCache,
+    shm_paths: list[Path],
 ) -> None:
-    payload = kv_mha.register_payload()[0]
     import msgspec
 
-    data = {**msgspec.msgpack.decode(payload.data), **change}
+    payload = kv_mha.register_payload()[0]
+    data = {**msgspec.msgpack.decode(payload.data), **change(kv_mha, shm_paths)}
+    fds = daemon_fds(server)
+    since = len(server.lines)
     instance = _register_ext(client, data)
-    server.wait_for_log(logged)
+    wait_logged(server, since, f"Cannot register KV cache for GPU ID {instance}: ")
+    wait_logged(server, since, logged)
+    assert daemon_fds(server) == fds, f"{case}: a refused registration kept a file"
     ks = [key(1, model="refused")]
     assert call(client, "STORE", [ks, instance, list(range(PER_CHUNK)), EVENT]) == (
         EVENT,
@@ -209,12 +310,36 @@ def test_bad_host_registrations_are_refused(
     )
 
 
+def test_shm_owners_restricts_whose_files_register(
+    server_factory: list[Server], zmq_context: Any
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another uid")
+    s = start_server("--cpu-buffer-size", "0.1", "--shm-owners", f"{os.geteuid()},7")
+    server_factory.append(s)
+    c = open_client(s.url, zmq_context)
+    try:
+        with random_kv("mha") as theirs, random_kv("mha") as ours:
+            os.chown(theirs.path, 4242, 4242)
+            since = len(s.lines)
+            refused = register(c, theirs)
+            wait_logged(s, since, "is owned by uid 4242, not one of --shm-owners")
+            ids = list(range(PER_CHUNK))
+            ks = [key(1, model="owners")]
+            assert call(c, "STORE", [ks, refused, ids, EVENT]) == (EVENT, False)
+            accepted = register(c, ours)
+            assert call(c, "STORE", [ks, accepted, ids, EVENT]) == (EVENT, True)
+    finally:
+        close_client(c)
+
+
 def test_mixed_layer_shapes_are_refused(client: Any, server: Server) -> None:
     with random_kv("mha") as a, random_kv("mha", num_blocks=32) as b:
         instance = next(_ids)
         payload = [a.register_payload()[0], b.register_payload()[0]]
+        since = len(server.lines)
         assert call(client, "REGISTER_KV_CACHE", [instance, payload]) is None
-        server.wait_for_log("differ in shape or dtype")
+        wait_logged(server, since, "differ in shape or dtype")
 
 
 def test_chunk_size_not_multiple_of_block_size(
@@ -287,21 +412,72 @@ def test_unregister_waits_for_in_flight_copies(client: Any, server: Server) -> N
         assert call(client, "STORE", [keys[:1], instance, ids, EVENT]) == (EVENT, False)
 
 
-def test_file_shrunk_after_registration_fails_the_copy_not_the_daemon(
-    client: Any, server: Server
+def test_file_truncated_after_registration_fails_copies_not_the_daemon(
+    client: Any, server: Server, zmq_context: Any
 ) -> None:
-    import os
-
     kv = random_kv("mha")
+    other = open_client(server.url, zmq_context)
     try:
         instance = register(client, kv)
-        os.truncate(kv.path, 4096)  # the client breaks its own KV cache
         ks = [key(1, model=f"shrunk{instance}")]
         ids = list(range(PER_CHUNK))
-        assert call(client, "STORE", [ks, instance, ids, EVENT]) == (EVENT, False)
-        server.wait_for_log("shrank from")
-        assert call(client, "NOOP", []) == "OK"
+        assert call(client, "STORE", [ks, instance, ids, EVENT]) == (EVENT, True)
+        os.truncate(kv.path, 4096)  # the client breaks its own KV cache
+        since = len(server.lines)
+        failed = failed_requests(server)
+        more = [key(2, model=f"shrunk{instance}")]
+        assert call(client, "STORE", [more, instance, ids, EVENT]) == (EVENT, False)
+        assert call(client, "RETRIEVE", [ks, instance, ids, EVENT]) == (EVENT, [False])
+        assert failed_requests(server) == failed + 2
+        wait_logged(server, since, "Store failed: store copy failed: ")
+        wait_logged(server, since, "Retrieve failed: retrieve copy failed: ")
+        assert "shrank to 4096 bytes" in "".join(server.lines[since:])
+        assert os.stat(kv.path).st_size == 4096, "RETRIEVE regrew the client's file"
+        # The daemon is alive and serves everyone else.
+        assert server.proc.poll() is None
+        with random_kv("mha") as healthy:
+            ok = register(other, healthy)
+            theirs = [key(1, model=f"healthy{ok}")]
+            assert call(other, "STORE", [theirs, ok, ids, EVENT]) == (EVENT, True)
+            assert call(other, "RETRIEVE", [theirs, ok, ids, EVENT]) == (EVENT, [True])
         assert call(client, "UNREGISTER_KV_CACHE", [instance]) is None
     finally:
+        close_client(other)
         kv.layers.clear()  # its pages are gone: never touch them again
         kv.close()
+
+
+def test_concurrent_registers_leave_one_registration_and_no_leak(
+    server_factory: list[Server],
+) -> None:
+    from lmcd.client import Client
+    from lmcd.wire.lmcache03 import RequestType
+
+    s = start_server("--cpu-buffer-size", "0.1")
+    server_factory.append(s)
+    with (
+        Client("127.0.0.1", s.port) as c,
+        random_kv("mha") as a,
+        random_kv("mha") as b,
+    ):
+        instance = next(_ids)
+        payloads = [a.register_payload(), b.register_payload()]
+        # Warm up (thread pool, lazy imports), then take the baseline.
+        c.call(RequestType.REGISTER_KV_CACHE, instance, payloads[0])
+        c.call(RequestType.UNREGISTER_KV_CACHE, instance)
+        baseline = daemon_fds(s)
+        for _ in range(10):
+            # Two REGISTERs of one id sent together, then their replies.
+            c.send(RequestType.REGISTER_KV_CACHE, instance, payloads[0])
+            c.send(RequestType.REGISTER_KV_CACHE, instance, payloads[1])
+            for _ in range(2):
+                c.receive(10.0)
+        assert daemon_fds(s) == baseline + 1, "a replaced registration leaked"
+        mine = [i for i in c.stats()["instances"] if i["instance_id"] == instance]
+        assert len(mine) == 1
+        ks = [{"model_name": "c", "world_size": 1, "worker_id": 0, "chunk_hash": b"1"}]
+        ids = list(range(PER_CHUNK))
+        assert c.call(RequestType.STORE, ks, instance, ids, EVENT) == [EVENT, True]
+        c.call(RequestType.UNREGISTER_KV_CACHE, instance)
+        assert daemon_fds(s) == baseline, "UNREGISTER left a descriptor open"
+        assert c.stats()["instances"] == []

@@ -23,6 +23,12 @@ KEY = {"model_name": "m", "world_size": 1, "worker_id": 0, "chunk_hash": b"h"}
 def raw(server: Server, zmq_context: Any) -> Iterator[zmq.Socket[bytes]]:
     sock = zmq_context.socket(zmq.DEALER)
     sock.connect(server.url)
+    # Like a real 0.3 client, start with GET_CHUNK_SIZE: under --dialect
+    # auto that binds the connection to the 0.3 dialect, whose failure
+    # replies these cases check (an unbound connection's message that fits
+    # no dialect is left unanswered).
+    sock.send_multipart([enc(0), enc(7)])
+    assert reply(sock) is not None
     yield sock
     sock.close(linger=0)
 

@@ -17,7 +17,7 @@ from lmcd.config import Config
 from lmcd.daemon import Daemon
 from lmcd.errors import ConfigError
 from lmcd.shmkv import SharedKVCache
-from lmcd.wire.types import RequestType
+from lmcd.wire.lmcache03 import RequestType
 from lmcd_backends.pinned_cpu import PinnedCpuTier, available_memory
 from tests.conftest import Server, start_server
 

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lmcd.client import Client
-from lmcd.wire.types import RequestType
+from lmcd.wire.lmcache03 import RequestType
 from tests.conftest import Server, free_port, start_server
 from tests.lmcache_client import call, close_client, key, open_client
 from tests.test_host_path import EVENT, PER_CHUNK, random_kv, register

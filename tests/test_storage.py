@@ -475,3 +475,32 @@ StorageMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None
 )
 test_storage_machine = StorageMachine.TestCase
+
+
+def test_lookup_takes_one_lock_per_reader_and_release_gives_them_back() -> None:
+    storage, _, _ = manager()
+    keys = [key(i) for i in range(3)]
+    store(storage, keys)
+    assert storage.lookup(keys, True, readers=3) == 3
+    assert storage.statistics().locked_chunks == 3
+    assert storage.release(keys[:2], 2) == 4
+    assert storage.statistics().locked_chunks == 3
+    assert storage.release(keys, 5) == 5  # 1 + 1 + 3
+    assert storage.statistics().locked_chunks == 0
+    assert storage.release(keys, 1) == 0
+
+
+def test_clear_without_force_keeps_chunks_in_use() -> None:
+    m, _, _ = manager()
+    keys = [key(i) for i in range(4)]
+    store(m, keys)
+    m.lookup(keys[:1], lock=True)
+    pin = m.pin(keys[1:2], MiB, LAYOUT)
+    reservation = m.reserve([key(9)], MiB, LAYOUT)
+    assert m.clear(force=False) == 2
+    assert m.lookup(keys[:2], lock=False) == 2
+    assert m.lookup(keys[2:], lock=False) == 0
+    m.unpin(pin, completed=True)
+    m.commit(reservation)
+    assert m.lookup([key(9)], lock=False) == 1
+    assert m.clear(force=True) == 3

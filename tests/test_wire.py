@@ -14,16 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmcd.errors import ProtocolError
-from lmcd.wire import (
-    PayloadError,
-    RequestType,
-    decode_header,
-    decode_request,
-    encode_reply,
-)
+from lmcd.wire import PayloadError, parse
+from lmcd.wire.lmcache03 import RequestType, decode_request, encode_reply
 from lmcd.wire.types import (
     CacheKey,
     Clear,
+    CopyResult,
     CudaTensorRef,
     GetChunkSize,
     HostTensorRef,
@@ -72,17 +68,28 @@ EXPECTED_TYPES = {
 
 @pytest.mark.parametrize("vector", VECTORS, ids=lambda v: v["request"])
 def test_vectors_decode_and_replies_encode_byte_exact(vector: dict[str, Any]) -> None:
-    header = decode_header(frames(vector["client_frames_hex"]))
+    header = parse(frames(vector["client_frames_hex"]))
     request = decode_request(header)
     assert isinstance(request, EXPECTED_TYPES[vector["request"]])
     reply = frames(vector["reply_frames_hex"])
     value = msgspec.msgpack.decode(reply[2]) if len(reply) > 2 else None
-    assert encode_reply(header, value) == reply
+    assert encode_reply(header, request, _result(request, value)) == reply
+
+
+def _result(request: object, value: Any) -> object:
+    """The neutral result that the captured reply value encodes."""
+    if isinstance(request, Lookup):
+        return sum(value)
+    if isinstance(request, Store):
+        return CopyResult(value[1], value[0])
+    if isinstance(request, Retrieve):
+        return CopyResult(all(value[1]), value[0], sum(value[1]))
+    return value
 
 
 def test_lookup_vector_contents() -> None:
     v = next(v for v in VECTORS if v["request"] == "LOOKUP")
-    request = decode_request(decode_header(frames(v["client_frames_hex"])))
+    request = decode_request(parse(frames(v["client_frames_hex"])))
     assert isinstance(request, Lookup)
     assert request.lock is True
     assert request.keys[0] == CacheKey("Qwen/Qwen3-14B", 2, None, bytes(range(32)))
@@ -92,7 +99,7 @@ def test_register_vectors_decode_both_wrapper_forms() -> None:
     refs = []
     for v in VECTORS:
         if v["request"] == "REGISTER_KV_CACHE":
-            request = decode_request(decode_header(frames(v["client_frames_hex"])))
+            request = decode_request(parse(frames(v["client_frames_hex"])))
             assert isinstance(request, RegisterKVCache)
             refs.extend(request.layers)
     assert all(isinstance(r, CudaTensorRef) for r in refs)
@@ -150,37 +157,43 @@ KEY = {"model_name": "m", "world_size": 1, "worker_id": 0, "chunk_hash": b"h"}
 )
 def test_unanswerable_headers(name: str, message: list[bytes], error: str) -> None:
     with pytest.raises(ProtocolError, match=error):
-        decode_header(message)
+        parse(message)
 
 
 def _payload_error(message: list[bytes]) -> PayloadError:
     with pytest.raises(PayloadError) as info:
-        decode_request(decode_header(message))
+        decode_request(parse(message))
     return info.value
+
+
+def _reply_value(err: PayloadError) -> object:
+    """The response value of the failure reply (None: no response frame)."""
+    assert err.reply is not None
+    return msgspec.msgpack.decode(err.reply[2]) if len(err.reply) > 2 else None
 
 
 def test_unknown_type_is_answered_without_a_value() -> None:
     err = _payload_error([_enc(1), _enc(77)])
-    assert err.reply is None
+    assert _reply_value(err) is None
 
 
 def test_wrong_payload_count_gets_the_typed_failure() -> None:
     err = _payload_error([_enc(1), _enc(5), _enc([KEY, KEY])])
-    assert err.reply == [False, False]
+    assert _reply_value(err) == [False, False]
 
 
 def test_bad_store_payload_echoes_the_client_handle() -> None:
     err = _payload_error(
         [_enc(1), _enc(3), _enc([KEY]), _enc("x"), _enc([0]), _enc(b"ev")]
     )
-    assert err.reply == [b"ev", False]
+    assert _reply_value(err) == [b"ev", False]
 
 
 def test_bad_retrieve_payload_answers_false_per_key() -> None:
     err = _payload_error(
         [_enc(1), _enc(4), _enc([KEY, KEY]), _enc(1), _enc("nope"), _enc(b"ev")]
     )
-    assert err.reply == [b"ev", [False, False]]
+    assert _reply_value(err) == [b"ev", [False, False]]
 
 
 @pytest.mark.parametrize(
@@ -196,7 +209,7 @@ def test_bad_retrieve_payload_answers_false_per_key() -> None:
 def test_bad_keys_are_refused(key: dict[str, object], error: str) -> None:
     err = _payload_error([_enc(1), _enc(5), _enc([key]), _enc(True)])
     assert error in str(err)
-    assert err.reply == [False]
+    assert _reply_value(err) == [False]
 
 
 def test_nil_worker_keys_expand_within_bounds() -> None:
@@ -209,7 +222,7 @@ def test_oversized_frame_is_refused_before_decoding() -> None:
     huge = _enc(list(range(2_000_000)))
     err = _payload_error([_enc(1), _enc(3), _enc([KEY]), _enc(1), huge, _enc(b"e")])
     assert "over" in str(err)
-    assert err.reply == [b"e", False]
+    assert _reply_value(err) == [b"e", False]
 
 
 def test_host_tensor_extension() -> None:
@@ -219,7 +232,7 @@ def test_host_tensor_extension() -> None:
             {"path": "/dev/shm/x", "offset": 0, "shape": [4, 16, 8], "dtype": "float16"}
         ),
     )
-    request = decode_request(decode_header([_enc(1), _enc(1), _enc(7), _enc([ext])]))
+    request = decode_request(parse([_enc(1), _enc(1), _enc(7), _enc([ext])]))
     assert isinstance(request, RegisterKVCache)
     assert request.layers == (HostTensorRef("/dev/shm/x", 0, (4, 16, 8), "float16"),)
 
@@ -236,7 +249,7 @@ def test_host_tensor_extension() -> None:
 def test_bad_host_tensor_extensions(data: dict[str, object]) -> None:
     ext = msgspec.msgpack.Ext(2, _enc(data))
     err = _payload_error([_enc(1), _enc(1), _enc(7), _enc([ext])])
-    assert err.reply is None
+    assert _reply_value(err) is None
 
 
 def test_unknown_extension_code() -> None:
@@ -267,18 +280,21 @@ def test_any_payload_decodes_or_is_refused_with_a_reply(
     rtype: int, payloads: list[bytes]
 ) -> None:
     """No payload makes the codec raise anything but PayloadError."""
-    header = decode_header([_enc(1), _enc(rtype), *payloads])
+    header = parse([_enc(1), _enc(rtype), *payloads])
+    reply: list[bytes] | None = [header.uid, header.type_frame]
     try:
         decode_request(header)
     except PayloadError as e:
-        encode_reply(header, e.reply)  # the failure reply always encodes
+        reply = e.reply
+    assert reply is not None
+    assert reply[:2] == [header.uid, header.type_frame]
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.binary(max_size=12), max_size=4))
 def test_any_header_decodes_or_is_refused(frames: list[bytes]) -> None:
     try:
-        header = decode_header(frames)
+        header = parse(frames)
     except ProtocolError:
         return
     assert header.uid == frames[0]

@@ -38,7 +38,7 @@ from lmcd.bench import (
 from lmcd.benchmarks.drive import drive
 from lmcd.benchmarks.storage_cycle import lmcd_cycle, reference_cycle
 from lmcd.spawn import free_port, serve_command, stop
-from lmcd.wire.types import RequestType
+from lmcd.wire.lmcache03 import RequestType
 
 LOOKUP_KEYS = 64
 CLIENTS = 4

@@ -31,8 +31,10 @@ class Completion(Protocol):
     """An issued copy."""
 
     @property
-    def reply_handle(self) -> bytes:
-        """The event handle that goes into the reply."""
+    def reply_handle(self) -> bytes | None:
+        """The IPC handle of an event the client waits on before it uses
+        the data, or None when no device work is pending (the host path:
+        each dialect decides what its clients get then)."""
         ...
 
     @property
@@ -54,9 +56,9 @@ class Completion(Protocol):
 @attrs.frozen
 class Finished:
     """A copy that had finished when it was issued (the host path: the
-    worker thread's result). `reply_handle` is the client's own event."""
+    worker thread's result); no device event to hand out."""
 
-    reply_handle: bytes
+    reply_handle: bytes | None = None
     detached: bool = False
 
     async def wait(self) -> None:

@@ -1,22 +1,20 @@
-"""The wire edge: frames in, request objects out; reply values in, frames out."""
+"""The wire edge: frames in, neutral requests out; neutral results in, frames out.
 
-from lmcd.wire.codec import (
-    Header,
-    PayloadError,
-    decode_header,
-    decode_request,
-    encode_reply,
-    failure_reply,
-)
-from lmcd.wire.types import CacheKey, RequestType
+`dialect` defines what a dialect is, `detect` binds each connection to one,
+and each supported lmcache release line has a module of its own
+(`lmcache03`, `lmcache05`). Nothing past this package sees a type number, a
+dialect's key class or a reply shape.
+"""
+
+from lmcd.wire.dialect import Dialect, Message, PayloadError, Unsupported, parse
+from lmcd.wire.types import CacheKey, TokenKey
 
 __all__ = [
     "CacheKey",
-    "Header",
+    "Dialect",
+    "Message",
     "PayloadError",
-    "RequestType",
-    "decode_header",
-    "decode_request",
-    "encode_reply",
-    "failure_reply",
+    "TokenKey",
+    "Unsupported",
+    "parse",
 ]

@@ -1,36 +1,36 @@
-"""Frames <-> request objects and replies, for the lmcache 0.3.10-0.3.13 dialect.
+"""The lmcache 0.3.10-0.3.13 dialect (and lmcd's own extensions to it).
 
-A message after the routing identity is `[uid, type, payload...]`, each frame
-one MessagePack value. `decode_header` reads uid and type; `decode_request`
-turns the payloads into a request object or raises `PayloadError`, which
-carries the failure reply the client must still get. No trio, zmq or torch.
+Types 1-8 as PROTOCOL.md lists them, plus lmcd's STATS (1000). Keys carry
+vLLM's chunk hash; tensors are pickled `CudaIPCWrapper`s (extension code 1,
+through the restricted unpickler) or lmcd's host tensors (code 2). No trio,
+zmq or torch.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import attrs
 import msgspec
 
 from lmcd.errors import ProtocolError
+from lmcd.wire.dialect import Message, PayloadError
 from lmcd.wire.types import (
     MAX_BLOCK_IDS_PER_REQUEST,
     MAX_EVENT_HANDLE,
     MAX_EXPANDED_KEYS,
     MAX_KEYS_PER_REQUEST,
     MAX_LAYERS,
-    PAYLOAD_COUNTS,
     CacheKey,
     Clear,
+    CopyResult,
     GetChunkSize,
     HostTensorRef,
     Lookup,
     Noop,
     RegisterKVCache,
     Request,
-    RequestType,
     Retrieve,
     Stats,
     Store,
@@ -38,6 +38,36 @@ from lmcd.wire.types import (
     UnregisterKVCache,
 )
 from lmcd.wire.unpickle import TORCH_DTYPES, load_cuda_ipc_wrapper
+
+NAME = "lmcache-0.3"
+
+
+class RequestType(enum.IntEnum):
+    """Request type values of the lmcache 0.3.10-0.3.13 dialect (+ lmcd's STATS)."""
+
+    REGISTER_KV_CACHE = 1
+    UNREGISTER_KV_CACHE = 2
+    STORE = 3
+    RETRIEVE = 4
+    LOOKUP = 5
+    CLEAR = 6
+    GET_CHUNK_SIZE = 7
+    NOOP = 8
+    STATS = 1000
+
+
+# How many payload frames follow `[uid, type]` for each request type.
+PAYLOAD_COUNTS: dict[RequestType, int] = {
+    RequestType.REGISTER_KV_CACHE: 2,
+    RequestType.UNREGISTER_KV_CACHE: 1,
+    RequestType.STORE: 4,
+    RequestType.RETRIEVE: 4,
+    RequestType.LOOKUP: 2,
+    RequestType.CLEAR: 0,
+    RequestType.GET_CHUNK_SIZE: 0,
+    RequestType.NOOP: 0,
+    RequestType.STATS: 0,
+}
 
 EXT_CUDA_IPC_WRAPPER = 1
 EXT_HOST_TENSOR = 2
@@ -47,24 +77,6 @@ EXT_HOST_TENSOR = 2
 MAX_SMALL_FRAME = 64 * 1024
 MAX_LIST_FRAME = 4 * 1024 * 1024
 MAX_REGISTER_FRAME = 8 * 1024 * 1024
-
-
-class PayloadError(ProtocolError):
-    """The header decoded but the payloads did not; `reply` is still owed."""
-
-    def __init__(self, message: str, reply: object) -> None:
-        super().__init__(message)
-        self.reply = reply
-
-
-@attrs.frozen
-class Header:
-    """The decoded head of a message: what every reply must echo."""
-
-    uid: bytes
-    type_frame: bytes
-    type: RequestType | None  # None: a type value this dialect does not know
-    payloads: Sequence[bytes]
 
 
 class _HostTensorMsg(msgspec.Struct, forbid_unknown_fields=True):
@@ -83,25 +95,6 @@ _exts = msgspec.msgpack.Decoder(list[msgspec.msgpack.Ext])
 _host = msgspec.msgpack.Decoder(_HostTensorMsg)
 _encoder = msgspec.msgpack.Encoder()
 _TYPES = {t.value: t for t in RequestType}
-
-
-def decode_header(frames: Sequence[bytes]) -> Header:
-    """Read uid and type from `[uid, type, payload...]`.
-
-    Raises `ProtocolError` when there are fewer than two frames or uid or type
-    is not a MessagePack int: such a message cannot be answered.
-    """
-    if len(frames) < 2:
-        raise ProtocolError(f"message has {len(frames)} frames after the identity")
-    uid, type_frame = frames[0], frames[1]
-    if len(uid) > 9 or len(type_frame) > 9:
-        raise ProtocolError("uid or type frame is not a MessagePack int")
-    try:
-        _int.decode(uid)
-        value = _int.decode(type_frame)
-    except msgspec.DecodeError as e:
-        raise ProtocolError(f"undecodable uid or type: {e}") from e
-    return Header(uid, type_frame, _TYPES.get(value), frames[2:])
 
 
 def failure_reply(rtype: RequestType, payloads: Sequence[bytes]) -> object:
@@ -142,28 +135,44 @@ def _count_keys(payloads: Sequence[bytes], index: int) -> int:
     return min(len(keys), MAX_KEYS_PER_REQUEST)
 
 
-def decode_request(header: Header) -> Request:
+def _request_type(message: Message) -> RequestType | None:
+    op = message.op
+    if type(op) is not int:
+        return None
+    return _TYPES.get(op)
+
+
+def decode_request(message: Message) -> Request:
     """Decode the payloads of a message whose header decoded.
 
     Raises `PayloadError` (with the failure reply owed) when the type is
     unknown or the payloads are of the wrong count, type or size.
     """
-    rtype = header.type
+    rtype = _request_type(message)
     if rtype is None:
-        raise PayloadError(f"unknown request type {header.type_frame.hex()}", None)
-    payloads = header.payloads
+        # The 0.3 client has no unknown types to send; answer with no
+        # response frame rather than guess a reply type.
+        raise PayloadError(
+            f"unknown request type {message.type_frame.hex()}", message.reply(None)
+        )
+    payloads = message.payloads
     expected = PAYLOAD_COUNTS[rtype]
     if len(payloads) != expected:
         raise PayloadError(
             f"{rtype.name} takes {expected} payloads, got {len(payloads)}",
-            failure_reply(rtype, payloads),
+            _failure(message, rtype),
         )
     try:
         return _DECODERS[rtype](payloads)
     except (ProtocolError, msgspec.DecodeError) as e:
         raise PayloadError(
-            f"bad {rtype.name} payload: {e}", failure_reply(rtype, payloads)
+            f"bad {rtype.name} payload: {e}", _failure(message, rtype)
         ) from e
+
+
+def _failure(message: Message, rtype: RequestType) -> list[bytes]:
+    value = failure_reply(rtype, message.payloads)
+    return message.reply(None if value is None else _encoder.encode(value))
 
 
 def _frame(data: bytes, limit: int, what: str) -> bytes:
@@ -267,8 +276,53 @@ _DECODERS: dict[RequestType, Callable[[Sequence[bytes]], Request]] = {
 }
 
 
-def encode_reply(header: Header, value: object) -> list[bytes]:
-    """Frames of the reply: `[uid, type]` plus one frame unless `value` is None."""
-    if value is None:
-        return [header.uid, header.type_frame]
-    return [header.uid, header.type_frame, _encoder.encode(value)]
+def encode_reply(message: Message, request: Request, result: object) -> list[bytes]:
+    """Reply frames for `result`, the outcome of `request`.
+
+    LOOKUP's result is the hit count (the reply: that many True, then
+    False); STORE and RETRIEVE give a `CopyResult` (the reply carries the
+    done event's handle, or the client's own when no device work is
+    pending); other results are sent as they are (None: no response frame).
+    """
+    if isinstance(result, CopyResult):
+        assert isinstance(request, Store | Retrieve)
+        handle = result.event_handle
+        if handle is None:
+            handle = request.event_handle
+        if isinstance(request, Store):
+            value: object = [handle, result.ok]
+        else:
+            n = len(request.keys)
+            value = [handle, [True] * result.found + [False] * (n - result.found)]
+    elif isinstance(request, Lookup):
+        assert isinstance(result, int)
+        n = len(request.keys)
+        value = [True] * result + [False] * (n - result)
+    else:
+        value = result
+    return message.reply(None if value is None else _encoder.encode(value))
+
+
+class Lmcache03:
+    """The lmcache 0.3.10-0.3.13 dialect (see the module docstring)."""
+
+    name = NAME
+
+    def plausible(self, message: Message) -> bool:
+        rtype = _request_type(message)
+        return rtype is not None and len(message.payloads) == PAYLOAD_COUNTS[rtype]
+
+    def decode(self, message: Message) -> Request:
+        return decode_request(message)
+
+    def encode(self, message: Message, request: Request, result: object) -> list[bytes]:
+        return encode_reply(message, request, result)
+
+    def failure(self, message: Message, request: Request | None) -> list[bytes] | None:
+        rtype = _request_type(message)
+        if rtype is None:
+            return message.reply(None)
+        return _failure(message, rtype)
+
+
+DIALECT = Lmcache03()

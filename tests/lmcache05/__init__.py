@@ -1,0 +1,1 @@
+"""Tests with lmcache 0.5.6's real client, against its own server and lmcd."""
