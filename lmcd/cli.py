@@ -112,6 +112,10 @@ def serve(
     log_level: Annotated[
         str, typer.Option(help="debug, info, warning or error.")
     ] = "info",
+    port_file: Annotated[
+        str | None,
+        typer.Option(help="Write the bound port here once listening (--port 0)."),
+    ] = None,
 ) -> None:
     """Run the cache daemon (a drop-in for lmcache.v1.multiprocess.server)."""
     import trio
@@ -139,6 +143,7 @@ def serve(
             worker_timeout=worker_timeout,
             pool_mb=pool_size,
             shm_owners=None if shm_owners is None else parse_uids(shm_owners),
+            port_file=port_file,
         )
     except ConfigError as e:
         raise _fail(str(e), 2) from None

@@ -39,6 +39,8 @@ class Config:
     pool_mb: int = 1024
     # uids whose /dev/shm files may be registered; None: any owner.
     shm_owners: frozenset[int] | None = None
+    # Where to write the bound port (for `--port 0`).
+    port_file: str | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.chunk_size <= 0:

@@ -8,9 +8,11 @@
                                  |-- pools      engine-driven workers' shm pools
                                  `-- storage    index, locks, LRU over a tier
 
-Shutdown (SIGINT/SIGTERM, or cancellation): stop receiving, give in-flight
-requests `grace` seconds to finish and be answered, then cancel the rest and
-close the socket.
+Shutdown (SIGINT/SIGTERM): answer what the socket already holds (control
+plane as usual, data-plane requests not yet started with their failure
+reply), stop receiving, give in-flight requests `grace` seconds to finish
+and be answered, let queued replies leave, then cancel the rest and close
+the socket.
 """
 
 from __future__ import annotations
@@ -100,7 +102,9 @@ class Daemon:
             clock=time.monotonic,
         )
         self.scheduler.peers.append(self.pools)
-        self.listener = Listener(cfg.host, cfg.port, self._on_message)
+        self.listener = Listener(
+            cfg.host, cfg.port, self._on_message, on_oversized=self._on_oversized
+        )
         self.handlers = Handlers(
             self.storage,
             self.scheduler,
@@ -116,8 +120,12 @@ class Daemon:
     def _on_message(self, identity: bytes, frames: list[bytes]) -> None:
         self.handlers.on_message(identity, frames)
 
+    def _on_oversized(self, identity: bytes, frames: list[bytes], what: str) -> None:
+        self.handlers.on_oversized(identity, frames, what)
+
     def _extra_stats(self) -> dict[str, object]:
         tier = self.preparer.tier
+        ls = self.listener.statistics()
         return {
             "pinned_memory": tier.pinned,
             "preparing_bytes": tier.preparing_bytes,
@@ -125,8 +133,19 @@ class Daemon:
             "buffer_prepare_failures": tier.prepare_failures,
             "busy_workers": self.scheduler.busy_workers,
             "max_workers": self.config.max_workers,
-            "pending_replies": self.listener.pending_replies,
-            "dropped_replies": self.listener.dropped_replies,
+            "pending_replies": ls.queued_replies,
+            "dropped_replies": ls.dropped_replies,
+            "oversized_messages": ls.oversized_messages,
+            "parked_clients": ls.parked_clients,
+            "listener": {
+                "received": ls.received,
+                "sent": ls.sent,
+                "last_receive_age_s": ls.last_receive_age,
+                "last_send_age_s": ls.last_send_age,
+                "last_pass_age_s": ls.last_pass_age,
+                "stalled": ls.stalled,
+                "dropped_replies_by_client": dict(ls.drops_by_client),
+            },
             "engine_pools": self.pools.statistics(),
         }
 
@@ -165,6 +184,8 @@ class Daemon:
                     # the cyclic GC from rescanning them on the request path.
                     gc.collect()
                     gc.freeze()
+                    if self.config.port_file is not None:
+                        _write_port_file(self.config.port_file, endpoint)
                     log.info(
                         "lmcd %s listening on %s (chunk size %d, CPU buffer "
                         "%.2f GiB, %d worker%s)",
@@ -262,25 +283,43 @@ class Daemon:
     async def _start_metrics(self, nursery: trio.Nursery) -> None:
         from lmcd import metrics
 
-        app = metrics.make_app(self.handlers.stats, lambda: self.listener.serving)
+        app = metrics.make_app(self.handlers.stats, self.listener.healthy)
         port = self.config.metrics_port
         assert port is not None
         urls = await nursery.start(metrics.serve, app, self.config.host, port)
         log.info("Metrics on %s/metrics", urls[0] if urls else port)
 
     async def shutdown(self) -> None:
-        """Stop receiving and let in-flight requests finish within the grace."""
-        self.listener.stop_accepting()
+        """Answer the requests already received, stop receiving, and let
+        in-flight requests finish within the grace; then give queued
+        replies a moment to leave. Data-plane requests not started by now
+        are answered with their failure reply."""
+        self.handlers.begin_shutdown()
         with trio.move_on_after(self.config.shutdown_grace) as scope:
+            await self.listener.finish_input()
             await self.handlers.drain()
+        self.listener.stop_accepting()
         if scope.cancelled_caught:
             log.warning(
                 "%d requests still running after %.1f s; cancelling",
                 self.handlers.inflight,
                 self.config.shutdown_grace,
             )
-        # Let the listener push out the last replies before it is cancelled.
+        # Replies to clients whose pipes are full wait in their outboxes;
+        # the rest are with ZMQ, which gets LINGER to send them at close.
         with trio.move_on_after(0.5):
-            # Shutdown only, bounded: the outbox has no event to wait on.
-            while self.listener.pending_replies:  # noqa: ASYNC110
-                await trio.sleep(0.01)
+            await self.listener.wait_sent()
+
+
+def _write_port_file(path: str, endpoint: str) -> None:
+    """Write the bound port (the text after the endpoint's last colon) and a
+    newline to `path`, atomically, once the daemon serves: a reader that
+    sees the file may connect. Raises `ConfigError` if it cannot."""
+    port = endpoint.rsplit(":", 1)[-1]
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(f"{port}\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ConfigError(f"cannot write --port-file {path}: {e.strerror}") from e

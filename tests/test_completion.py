@@ -180,7 +180,7 @@ async def test_failed_copy_aborts_its_reservation(
         assert r.instance.inflight == 0
         records = [x for x in caplog.records if "failed after its reply" in x.message]
         assert len(records) == 1
-        assert records[0].exc_info is None
+        assert not records[0].exc_info
         # The key can be stored again.
         job = r.scheduler.admit_store(store_request(key(1)))
         assert len(job.reservation.entries) == 1

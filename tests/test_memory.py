@@ -108,7 +108,7 @@ async def test_memory_error_mid_store_is_an_answered_failure(
     failures = [r for r in caplog.records if "memory tier failed" in r.getMessage()]
     assert len(failures) == 1
     assert failures[0].levelno == logging.WARNING
-    assert all(r.exc_info is None for r in caplog.records)
+    assert all(not r.exc_info for r in caplog.records)
 
 
 async def test_segments_the_os_refuses_are_not_reported(
@@ -145,7 +145,7 @@ async def test_segments_the_os_refuses_are_not_reported(
     assert stats["reserved_chunks"] == 0
     grow = [r for r in caplog.records if "Cannot grow the CPU buffer" in r.getMessage()]
     assert len(grow) == 1  # retried only after a back-off
-    assert all(r.exc_info is None for r in caplog.records)
+    assert all(not r.exc_info for r in caplog.records)
 
 
 async def test_disable_lazy_alloc_that_cannot_commit_is_a_config_error(

@@ -138,7 +138,7 @@ async def test_a_refused_segment_is_logged_once_and_retried_with_backoff(
             nursery.cancel_scope.cancel()
     warnings = [r for r in caplog.records if "Cannot grow" in r.message]
     assert len(warnings) == 2  # one line per refusal
-    assert all(r.exc_info is None for r in warnings)
+    assert all(not r.exc_info for r in warnings)
     assert tier.statistics().materialized_bytes == 2 * MiB
 
 
