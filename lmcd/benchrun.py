@@ -11,11 +11,13 @@ from rich.progress import Progress
 from rich.table import Table
 
 from lmcd.bench import (
+    FirstFillResult,
     LatencyResult,
     ModelShape,
     ThroughputResult,
     closed_loop,
     data_plane,
+    first_fill,
     lookup_payloads,
     prefill_lookup_keys,
 )
@@ -62,19 +64,23 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     request_gib = shape.chunk_bytes(256) * opts.chunks / (1 << 30)
     buffer_gib = max(0.25, 2.5 * request_gib)
     if opts.spawn:
-        # Fill the fresh buffer once untimed: first-touch page faults are a
-        # start-up cost, not the steady state being measured.
-        fill = int(buffer_gib / request_gib) + 1
-        opts = attrs.evolve(opts, warmup=max(opts.warmup, fill))
+        # A fresh daemon: its first fill is measured on its own (`first_fill`),
+        # and fills the buffer, so the steady state needs no long warm-up.
         with spawned_daemon("--cpu-buffer-size", f"{buffer_gib:.3f}") as port:
-            return _run(opts, shape, names, "127.0.0.1", port)
+            return _run(opts, shape, names, "127.0.0.1", port, fresh=True)
     with Client(opts.host, opts.port) as client:
         client.call(RequestType.NOOP, timeout=2.0)  # fail fast if nothing answers
     return _run(opts, shape, names, opts.host, opts.port)
 
 
 def _run(
-    opts: BenchOptions, shape: ModelShape, names: list[str], host: str, port: int
+    opts: BenchOptions,
+    shape: ModelShape,
+    names: list[str],
+    host: str,
+    port: int,
+    *,
+    fresh: bool = False,
 ) -> dict[str, Any]:
     url = f"tcp://{host}:{port}"
     err = Console(stderr=True)
@@ -110,6 +116,18 @@ def _run(
             elif name in ("store", "retrieve"):
                 if "store" in results or "retrieve" in results:
                     continue  # one run measures both
+                if fresh:
+                    results["first_fill"] = first_fill(
+                        host,
+                        port,
+                        shape,
+                        chunks_per_request=opts.chunks,
+                        progress=advance,
+                    )
+                else:
+                    results["first_fill"] = {
+                        "skipped": "needs a fresh daemon (--spawn)"
+                    }
                 store, retrieve = data_plane(
                     host,
                     port,
@@ -127,6 +145,10 @@ def _run(
     for k in ("store", "retrieve"):
         if k in out:
             out[k]["ratio_to_memcpy"] = results[k].ratio
+    if isinstance(results.get("first_fill"), FirstFillResult):
+        out["first_fill"]["store"]["ratio_to_memcpy"] = results[
+            "first_fill"
+        ].store.ratio
     if opts.json:
         print(json.dumps(out, indent=2))
     else:
@@ -163,12 +185,24 @@ def _print_tables(results: dict[str, Any]) -> None:
     data = Table(title="Data plane (host path)")
     for col in ("operation", "GB/s", "memcpy GB/s", "ratio"):
         data.add_column(col, justify="right" if col != "operation" else "left")
-    for r in results.values():
-        if isinstance(r, ThroughputResult):
-            data.add_row(
-                r.workload, f"{r.gbps:.2f}", f"{r.memcpy_gbps:.2f}", f"{r.ratio:.0%}"
-            )
+    fill = results.get("first_fill")
+    rows = [r for r in results.values() if isinstance(r, ThroughputResult)]
+    if isinstance(fill, FirstFillResult):
+        rows.insert(0, fill.store)
+    for r in rows:
+        data.add_row(
+            r.workload, f"{r.gbps:.2f}", f"{r.memcpy_gbps:.2f}", f"{r.ratio:.0%}"
+        )
     if data.row_count:
         console.print(data)
+    if isinstance(fill, FirstFillResult):
+        p = fill.probe
+        console.print(
+            f"First fill of {fill.capacity_bytes / (1 << 30):.2f} GiB: "
+            f"{fill.refused_chunks} chunks refused, {fill.evicted_chunks} evicted, "
+            f"{fill.outruns} outruns; control plane meanwhile: {p.requests} "
+            f"round trips, p99 {p.p99_us:,.0f} µs, max {p.max_ms:.1f} ms, "
+            f"{p.over_10ms} over 10 ms"
+        )
     if "cuda" in results:
         console.print(f"CUDA path: {json.dumps(results['cuda'])}")

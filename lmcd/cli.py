@@ -65,7 +65,21 @@ def serve(
         typer.Option(help="Serve Prometheus /metrics and /healthz on this port."),
     ] = None,
     disable_lazy_alloc: Annotated[
-        bool, typer.Option(help="Allocate the whole CPU buffer at start-up.")
+        bool,
+        typer.Option(help="Allocate and commit the whole CPU buffer at start-up."),
+    ] = False,
+    prepare_ahead_mb: Annotated[
+        int,
+        typer.Option(
+            help="Prepared, free CPU buffer kept ahead of the fill (MiB; at "
+            "least two segments, doubled when stores outrun it)."
+        ),
+    ] = 2048,
+    allow_overcommit: Annotated[
+        bool,
+        typer.Option(
+            help="Start even when --cpu-buffer-size exceeds the available memory."
+        ),
     ] = False,
     dialect: Annotated[
         str,
@@ -244,6 +258,10 @@ def serve(
     log_level: Annotated[
         str, typer.Option(help="debug, info, warning or error.")
     ] = "info",
+    port_file: Annotated[
+        str | None,
+        typer.Option(help="Write the bound port here once listening (--port 0)."),
+    ] = None,
 ) -> None:
     """Run the cache daemon (a drop-in for lmcache.v1.multiprocess.server)."""
     import trio
@@ -265,6 +283,8 @@ def serve(
             segment_mb=segment_mb,
             metrics_port=metrics_port,
             disable_lazy_alloc=disable_lazy_alloc,
+            allow_overcommit=allow_overcommit,
+            prepare_ahead_mb=prepare_ahead_mb,
             dialect=dialect,
             worker_timeout=worker_timeout,
             pool_mb=pool_size,
@@ -291,6 +311,7 @@ def serve(
             remote_tls_key_file=remote_tls_key_file,
             remote_tls_server_name=remote_tls_server_name,
             remote_tls_verify=remote_tls_verify,
+            port_file=port_file,
         )
     except ConfigError as e:
         raise _fail(str(e), 2) from None

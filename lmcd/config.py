@@ -7,7 +7,7 @@ import attrs
 from lmcd.errors import ConfigError
 from lmcd.transfer.cuda import DEFAULT_STAGING_BYTES
 from lmcd.wire.registry import dialects_for
-from lmcd_backends.pinned_cpu import DEFAULT_SEGMENT_BYTES
+from lmcd_backends.pinned_cpu import DEFAULT_LEAD_BYTES, DEFAULT_SEGMENT_BYTES
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -30,6 +30,8 @@ class Config:
     shutdown_grace: float = 3.0
     metrics_port: int | None = None
     disable_lazy_alloc: bool = False
+    allow_overcommit: bool = False
+    prepare_ahead_mb: int = DEFAULT_LEAD_BYTES // MiB
     dialect: str = "auto"
     worker_timeout: float = 120.0
     # A heartbeat client that never pinged is reaped only after this long
@@ -39,6 +41,8 @@ class Config:
     pool_mb: int = 1024
     # uids whose /dev/shm files may be registered; None: any owner.
     shm_owners: frozenset[int] | None = None
+    # Where to write the bound port (for `--port 0`).
+    port_file: str | None = None
     # -- lower tiers (lmcd.tiering; docs/disk-tier.md, docs/valkey.md) --
     disk_path: str | None = None
     disk_size: float = 0.0  # GiB
@@ -85,6 +89,10 @@ class Config:
             raise ConfigError(f"--lock-ttl must be > 0 (got {self.lock_ttl})")
         if self.staging_mb < 1 or self.segment_mb < 1:
             raise ConfigError("--staging-mb and --segment-mb must be >= 1")
+        if self.prepare_ahead_mb < 0:
+            raise ConfigError(
+                f"--prepare-ahead-mb must be >= 0 (got {self.prepare_ahead_mb})"
+            )
         if not 0 < self.worker_timeout < float("inf"):
             raise ConfigError(
                 f"--worker-timeout must be > 0 seconds (got {self.worker_timeout})"
@@ -169,6 +177,10 @@ class Config:
     @property
     def segment_bytes(self) -> int:
         return self.segment_mb * MiB
+
+    @property
+    def lead_bytes(self) -> int:
+        return self.prepare_ahead_mb * MiB
 
 
 def parse_uids(text: str) -> frozenset[int]:

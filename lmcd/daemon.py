@@ -9,15 +9,18 @@
                                  |-- tiers      disk and remote tiers (optional)
                                  `-- storage    index, locks, LRU over a tier
 
-Shutdown (SIGINT/SIGTERM, or cancellation): stop receiving, give in-flight
-requests `grace` seconds to finish and be answered, then cancel the rest and
-close the socket.
+Shutdown (SIGINT/SIGTERM): answer what the socket already holds (control
+plane as usual, data-plane requests not yet started with their failure
+reply), stop receiving, give in-flight requests `grace` seconds to finish
+and be answered, let queued replies leave, then cancel the rest and close
+the socket.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
 import time
 
@@ -37,9 +40,25 @@ from lmcd.tiering import Policy, Registrations, Tiering
 from lmcd.tokens import TokenHasher
 from lmcd.wire.detect import DialectRouter
 from lmcd.wire.registry import dialects_for
-from lmcd_backends.pinned_cpu import PinnedCpuTier
+from lmcd_backends.pinned_cpu import (
+    PinnedCpuTier,
+    SegmentPreparer,
+    available_memory,
+    preallocate,
+)
 
 log = logging.getLogger(__name__)
+
+
+def _one_torch_thread() -> None:
+    """Copies run in lmcd's own worker threads (`--max-workers`) next to
+    segment preparation. torch's intra-op threads on top of them only
+    compete for the cores, and under contention their barriers stall a copy
+    for tens of milliseconds (measured: a first fill at 0.27 GB/s with
+    torch's default threads, 3.4 GB/s with one, on a loaded 2-core VM)."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @attrs.define(slots=True, eq=False)
@@ -54,10 +73,19 @@ class Daemon:
     listener: Listener = attrs.field(init=False)
     tiers: Tiering | None = attrs.field(default=None, init=False)
     registrations: Registrations | None = attrs.field(default=None, init=False)
+    preparer: SegmentPreparer = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         cfg = self.config
-        tier = PinnedCpuTier(cfg.buffer_bytes, segment_bytes=cfg.segment_bytes)
+        # Segments are prepared in worker threads (the preparer, or all at
+        # start-up): a STORE never waits for memory on the Trio thread.
+        tier = PinnedCpuTier(
+            cfg.buffer_bytes,
+            segment_bytes=cfg.segment_bytes,
+            grow_inline=False,
+            lead_bytes=cfg.lead_bytes,
+        )
+        self.preparer = SegmentPreparer(tier)
         self.storage = StorageManager(
             tier=tier, clock=time.monotonic, lock_ttl=cfg.lock_ttl
         )
@@ -78,7 +106,9 @@ class Daemon:
             clock=time.monotonic,
         )
         self.scheduler.peers.append(self.pools)
-        self.listener = Listener(cfg.host, cfg.port, self._on_message)
+        self.listener = Listener(
+            cfg.host, cfg.port, self._on_message, on_oversized=self._on_oversized
+        )
         self.handlers = Handlers(
             self.storage,
             self.scheduler,
@@ -161,14 +191,33 @@ class Daemon:
     def _on_message(self, identity: bytes, frames: list[bytes]) -> None:
         self.handlers.on_message(identity, frames)
 
+    def _on_oversized(self, identity: bytes, frames: list[bytes], what: str) -> None:
+        self.handlers.on_oversized(identity, frames, what)
+
     def _extra_stats(self) -> dict[str, object]:
+        tier = self.preparer.tier
+        ls = self.listener.statistics()
         return {
             "tiers": {} if self.tiers is None else self.tiers.statistics(),
-            "pinned_memory": bool(getattr(self.storage.tier, "pinned", False)),
+            "pinned_memory": tier.pinned,
+            "preparing_bytes": tier.preparing_bytes,
+            "buffer_outruns": tier.outruns,
+            "buffer_prepare_failures": tier.prepare_failures,
             "busy_workers": self.scheduler.busy_workers,
             "max_workers": self.config.max_workers,
-            "pending_replies": self.listener.pending_replies,
-            "dropped_replies": self.listener.dropped_replies,
+            "pending_replies": ls.queued_replies,
+            "dropped_replies": ls.dropped_replies,
+            "oversized_messages": ls.oversized_messages,
+            "parked_clients": ls.parked_clients,
+            "listener": {
+                "received": ls.received,
+                "sent": ls.sent,
+                "last_receive_age_s": ls.last_receive_age,
+                "last_send_age_s": ls.last_send_age,
+                "last_pass_age_s": ls.last_pass_age,
+                "stalled": ls.stalled,
+                "dropped_replies_by_client": dict(ls.drops_by_client),
+            },
             "engine_pools": self.pools.statistics(),
         }
 
@@ -179,24 +228,23 @@ class Daemon:
 
         Raises `ConfigError` when the address cannot be bound.
         """
+        self._check_memory()
+        _one_torch_thread()
         endpoint = self.listener.bind()
         if self.config.disable_lazy_alloc:
-            tier = self.storage.tier
-            assert isinstance(tier, PinnedCpuTier)
-            log.info(
-                "Allocating the whole %.2f GiB buffer now", self.config.cpu_buffer_size
-            )
             try:
-                await trio.to_thread.run_sync(tier.preallocate)
-            except MemoryError as e:
+                await self._preallocate()
+            except BaseException:
                 self.listener.close()
-                raise ConfigError(str(e)) from e
+                raise
         # Signals are caught from here on, so that one arriving during
         # start-up still means a clean shutdown rather than a traceback.
         signals = trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
         try:
             with signals as received:
                 async with trio.open_nursery() as nursery:
+                    if not self.config.disable_lazy_alloc:
+                        await nursery.start(self.preparer.run)
                     await nursery.start(self.scheduler.run)
                     if self.tiers is not None:
                         # Opens the disk tier and seeds its index: hits from
@@ -215,6 +263,8 @@ class Daemon:
                     # the cyclic GC from rescanning them on the request path.
                     gc.collect()
                     gc.freeze()
+                    if self.config.port_file is not None:
+                        _write_port_file(self.config.port_file, endpoint)
                     log.info(
                         "lmcd %s listening on %s (chunk size %d, CPU buffer "
                         "%.2f GiB, %d worker%s)",
@@ -235,6 +285,47 @@ class Daemon:
         finally:
             self.listener.close()
             log.info("lmcd stopped")
+
+    def _check_memory(self) -> None:
+        """Refuse a buffer larger than the memory available (ConfigError),
+        unless --allow-overcommit, which turns that into a warning: a buffer
+        the machine cannot back ends in the OOM killer, not in an error."""
+        cfg = self.config
+        available = available_memory()
+        if available is None or cfg.buffer_bytes <= available[0]:
+            return
+        message = (
+            f"--cpu-buffer-size {cfg.cpu_buffer_size:g} GiB is more than the "
+            f"{available[0] / (1 << 30):.1f} GiB of memory available "
+            f"({available[1]})"
+        )
+        if not cfg.allow_overcommit:
+            raise ConfigError(
+                f"{message}; lower it, or pass --allow-overcommit to start anyway"
+            )
+        log.warning("%s; starting anyway (--allow-overcommit)", message)
+
+    async def _preallocate(self) -> None:
+        """--disable-lazy-alloc: obtain and commit (populate, or pin) the
+        whole buffer in worker threads, or raise ConfigError."""
+        tier = self.storage.tier
+        assert isinstance(tier, PinnedCpuTier)
+        gib = tier.capacity / (1 << 30)
+        kind = "pinned" if tier.pinned else "host"
+        log.info("Allocating and committing the whole %.2f GiB %s buffer", gib, kind)
+        started = time.perf_counter()
+        try:
+            await preallocate(tier, workers=min(8, os.cpu_count() or 1))
+        except MemoryError as e:
+            raise ConfigError(
+                f"--disable-lazy-alloc: cannot allocate the {gib:.2f} GiB buffer: {e}"
+            ) from None
+        log.info(
+            "Allocated and committed %.2f GiB of %s memory in %.1f s",
+            gib,
+            kind,
+            time.perf_counter() - started,
+        )
 
     async def _reap_silent_workers(self) -> None:
         """Close the registrations of heartbeat clients (lmcache 0.4+) that
@@ -271,25 +362,43 @@ class Daemon:
     async def _start_metrics(self, nursery: trio.Nursery) -> None:
         from lmcd import metrics
 
-        app = metrics.make_app(self.handlers.stats, lambda: self.listener.serving)
+        app = metrics.make_app(self.handlers.stats, self.listener.healthy)
         port = self.config.metrics_port
         assert port is not None
         urls = await nursery.start(metrics.serve, app, self.config.host, port)
         log.info("Metrics on %s/metrics", urls[0] if urls else port)
 
     async def shutdown(self) -> None:
-        """Stop receiving and let in-flight requests finish within the grace."""
-        self.listener.stop_accepting()
+        """Answer the requests already received, stop receiving, and let
+        in-flight requests finish within the grace; then give queued
+        replies a moment to leave. Data-plane requests not started by now
+        are answered with their failure reply."""
+        self.handlers.begin_shutdown()
         with trio.move_on_after(self.config.shutdown_grace) as scope:
+            await self.listener.finish_input()
             await self.handlers.drain()
+        self.listener.stop_accepting()
         if scope.cancelled_caught:
             log.warning(
                 "%d requests still running after %.1f s; cancelling",
                 self.handlers.inflight,
                 self.config.shutdown_grace,
             )
-        # Let the listener push out the last replies before it is cancelled.
+        # Replies to clients whose pipes are full wait in their outboxes;
+        # the rest are with ZMQ, which gets LINGER to send them at close.
         with trio.move_on_after(0.5):
-            # Shutdown only, bounded: the outbox has no event to wait on.
-            while self.listener.pending_replies:  # noqa: ASYNC110
-                await trio.sleep(0.01)
+            await self.listener.wait_sent()
+
+
+def _write_port_file(path: str, endpoint: str) -> None:
+    """Write the bound port (the text after the endpoint's last colon) and a
+    newline to `path`, atomically, once the daemon serves: a reader that
+    sees the file may connect. Raises `ConfigError` if it cannot."""
+    port = endpoint.rsplit(":", 1)[-1]
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(f"{port}\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ConfigError(f"cannot write --port-file {path}: {e.strerror}") from e

@@ -23,6 +23,7 @@ from lmcd import __version__
 from lmcd.enginepool import EnginePools, PoolJob
 from lmcd.errors import LmcdError, ProtocolError, RegistrationError, TransferError
 from lmcd.lookups import LookupJob, LookupJobs, Sessions
+from lmcd.ratelog import RateLimitedLog
 from lmcd.scheduler import RetrieveJob, StoreJob, TransferScheduler
 from lmcd.storage import StorageManager
 from lmcd.tiering import LocalLookup, Promotion, Tiering
@@ -117,6 +118,7 @@ class Handlers:
     _log_limit: RateLimitedLog = attrs.field(factory=lambda: RateLimitedLog(log))
     _idle: trio.Event = attrs.field(factory=trio.Event)
     _unsupported_seen: set[str] = attrs.field(factory=set)
+    _closing: bool = False
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -135,6 +137,11 @@ class Handlers:
     @property
     def inflight(self) -> int:
         return self._inflight
+
+    def begin_shutdown(self) -> None:
+        """From now on, answer data-plane requests with their failure reply
+        instead of starting them (control-plane ones are still served)."""
+        self._closing = True
 
     # -- entry point from the listener ---------------------------------------
 
@@ -242,6 +249,27 @@ class Handlers:
         reply = dialect.failure(message, request)
         if reply is not None:
             self.send([identity, *reply])
+
+    def on_oversized(self, identity: bytes, frames: list[bytes], what: str) -> None:
+        """A message the listener dropped for its size, with the frames it
+        kept: answered with its dialect's failure reply when uid and type
+        were kept and the dialect is known (the connection's, or the one
+        reply every enabled dialect would give); counted as malformed."""
+        try:
+            message = parse(frames)
+        except ProtocolError:
+            self._malformed(f"unanswerable oversized message ({what})")
+            return
+        self.counters.requests += 1
+        self._malformed(f"oversized message ({what})")
+        bound = self.router.dialect_of(identity)
+        dialects = (bound,) if bound is not None else self.router.dialects
+        replies = [d.failure(message, None) for d in dialects]
+        if any(r != replies[0] for r in replies):
+            self.counters.ambiguous_messages += 1
+            return
+        if replies[0] is not None:
+            self.send([identity, *replies[0]])
 
     def _malformed(self, what: str) -> None:
         self.counters.malformed_messages += 1
@@ -476,6 +504,8 @@ class Handlers:
     # -- data plane (one task each) ------------------------------------------
 
     def _admit(self, request: Request) -> StoreJob | RetrieveJob | PoolJob | None:
+        if self._closing:
+            raise TransferError("not started: shutting down")
         if isinstance(request, Store):
             return self.scheduler.admit_store(request)
         if isinstance(request, Retrieve):
@@ -670,38 +700,3 @@ def _single_group(block_ids: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
             "engines with one group"
         )
     return block_ids[0]
-
-
-@attrs.define(slots=True)
-class RateLimitedLog:
-    """Warnings at most `per_second` a second; the rest are counted and the
-    count is reported with the next warning that gets through, so that a
-    flood of bad messages cannot flood the log (every one is still counted
-    in the statistics)."""
-
-    logger: logging.Logger
-    per_second: float = 20.0
-    clock: Callable[[], float] = time.monotonic
-    _tokens: float = attrs.field(init=False)
-    _last: float = attrs.field(default=0.0, init=False)
-    _suppressed: int = attrs.field(default=0, init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self._tokens = self.per_second
-        self._last = self.clock()
-
-    def warning(self, message: str, *args: object) -> None:
-        now = self.clock()
-        self._tokens = min(
-            self.per_second, self._tokens + (now - self._last) * self.per_second
-        )
-        self._last = now
-        if self._tokens < 1:
-            self._suppressed += 1
-            return
-        self._tokens -= 1
-        if self._suppressed:
-            message += " (%d similar warnings suppressed)"
-            args = (*args, self._suppressed)
-            self._suppressed = 0
-        self.logger.warning(message, *args)

@@ -42,6 +42,8 @@ COUNTERS = {
     "failed_requests": "Requests answered with a failure",
     "malformed_messages": "Messages that did not follow the protocol",
     "requests": "Requests received",
+    "dropped_replies": "Replies dropped: the client was gone or not reading",
+    "oversized_messages": "Messages dropped for their frame count or size",
 }
 GAUGES = {
     "capacity_bytes": "CPU buffer capacity",
@@ -54,7 +56,13 @@ GAUGES = {
     "reserved_chunks": "Chunks being stored",
     "inflight_requests": "Data-plane requests in progress",
     "uptime_s": "Seconds since start",
+    "pending_replies": "Replies queued for clients that do not read them",
+    "parked_clients": "Clients whose replies are queued",
 }
+# Per-model series: the largest models by bytes, the rest summed as "other",
+# so that clients inventing model names cannot grow the scrape without bound.
+MAX_MODEL_SERIES = 20
+OTHER_MODELS = "other"
 
 
 # Per tier (label `tier`: cpu, disk, remote), from STATS' "tiers" map; a
@@ -98,26 +106,35 @@ def _tier_metrics(tiers: dict[str, dict[str, Any]]) -> Iterator[Metric]:
 
 
 class StatsCollector(Collector):
-    """Prometheus metrics from a STATS map, computed at scrape time."""
+    """Prometheus metrics from a STATS map, computed at scrape time: one
+    family per counter and gauge present in the map, and per-model series
+    for at most `max_models` models plus "other"."""
 
-    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self, stats: Callable[[], dict[str, Any]], max_models: int = MAX_MODEL_SERIES
+    ) -> None:
         self._stats = stats
+        self._max_models = max_models
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats()
         for name, doc in COUNTERS.items():
-            yield CounterMetricFamily(f"lmcd_{name}", doc, value=s[name])
+            if name in s:
+                yield CounterMetricFamily(f"lmcd_{name}", doc, value=s[name])
         for name, doc in GAUGES.items():
-            yield GaugeMetricFamily(f"lmcd_{name}", doc, value=s[name])
+            if name in s:
+                yield GaugeMetricFamily(f"lmcd_{name}", doc, value=s[name])
         chunks = GaugeMetricFamily(
             "lmcd_model_chunks", "Chunks per model", labels=["model"]
         )
         nbytes = GaugeMetricFamily(
             "lmcd_model_bytes", "Bytes per model", labels=["model"]
         )
-        for model, usage in s["models"].items():
-            chunks.add_metric([model], usage["chunks"])
-            nbytes.add_metric([model], usage["bytes"])
+        for model, (n_chunks, n_bytes) in model_series(
+            s["models"], self._max_models
+        ).items():
+            chunks.add_metric([model], n_chunks)
+            nbytes.add_metric([model], n_bytes)
         yield chunks
         yield nbytes
         yield GaugeMetricFamily(
@@ -128,10 +145,36 @@ class StatsCollector(Collector):
             yield from _tier_metrics(tiers)
 
 
-def make_app(stats: Callable[[], dict[str, Any]], healthy: Callable[[], bool]) -> Any:
-    """The ASGI app: GET /metrics and GET /healthz."""
+def model_series(
+    models: dict[str, dict[str, int]], max_models: int
+) -> dict[str, tuple[int, int]]:
+    """`{label: (chunks, bytes)}`: the `max_models` models holding the most
+    bytes under their own names, every other model summed under "other" (a
+    model named "other" counts there too)."""
+    ranked = sorted(models.items(), key=lambda kv: (-kv[1]["bytes"], kv[0]))
+    series: dict[str, tuple[int, int]] = {}
+    rest = [0, 0]
+    for i, (name, usage) in enumerate(ranked):
+        if i < max_models and name != OTHER_MODELS:
+            series[name] = (usage["chunks"], usage["bytes"])
+        else:
+            rest[0] += usage["chunks"]
+            rest[1] += usage["bytes"]
+    if len(ranked) > len(series):
+        series[OTHER_MODELS] = (rest[0], rest[1])
+    return series
+
+
+def make_app(
+    stats: Callable[[], dict[str, Any]],
+    healthy: Callable[[], bool],
+    max_models: int = MAX_MODEL_SERIES,
+) -> Any:
+    """The ASGI app: GET (or HEAD) /metrics and /healthz; other methods get
+    405 with an `Allow` header. `/healthz` is 503 while `healthy()` is
+    false."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StatsCollector(stats))
+    registry.register(StatsCollector(stats, max_models))
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -145,8 +188,10 @@ def make_app(stats: Callable[[], dict[str, Any]], healthy: Callable[[], bool]) -
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
+        headers: list[tuple[bytes, bytes]] = []
         if method not in ("GET", "HEAD"):
             status, body, ctype = 405, b"method not allowed\n", "text/plain"
+            headers.append((b"allow", b"GET, HEAD"))
         elif path == "/metrics":
             status, body = 200, generate_latest(registry)
             ctype = "text/plain; version=0.0.4; charset=utf-8"
@@ -166,11 +211,14 @@ def make_app(stats: Callable[[], dict[str, Any]], healthy: Callable[[], bool]) -
                 "headers": [
                     (b"content-type", ctype.encode()),
                     (b"content-length", str(len(body)).encode()),
+                    *headers,
                 ],
             }
         )
+        # HEAD promises the length of the body it does not send; every
+        # other answer sends the body whose length it announced.
         await send(
-            {"type": "http.response.body", "body": body if method == "GET" else b""}
+            {"type": "http.response.body", "body": b"" if method == "HEAD" else body}
         )
 
     return app

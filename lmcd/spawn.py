@@ -3,10 +3,12 @@ and the benchmark suite) and stop it cleanly."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +19,8 @@ from lmcd.wire.lmcache03 import RequestType
 
 
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
+    """A TCP port on loopback that nothing listens on right now (racy: to
+    run a daemon, pass `--port 0` and read the port back instead)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -66,15 +69,38 @@ def serve_command(port: int, *flags: str) -> list[str]:
     ]
 
 
+def wait_port_file(
+    path: str, proc: subprocess.Popen[str], timeout: float = 60.0
+) -> int:
+    """The port a daemon started with `--port-file PATH` wrote, once it has
+    (it does so when it serves); raises `LmcdError` if the daemon exits or
+    does not write it within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path, encoding="ascii") as f:
+                return int(f.read())
+        except FileNotFoundError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise LmcdError("the spawned daemon did not start")
+        time.sleep(0.05)
+
+
 @contextmanager
 def spawned_daemon(*flags: str, log_level: str = "warning") -> Iterator[int]:
-    """Run `lmcd serve FLAGS` on a free loopback port; yields the port once
-    it answers. Its log goes to this process's stderr."""
-    port = free_port()
-    args = serve_command(port, "--log-level", log_level, *flags)
-    proc = subprocess.Popen(args, text=True)
-    try:
-        wait_ready(port, proc)
-        yield port
-    finally:
-        stop(proc)
+    """Run `lmcd serve FLAGS` on a loopback port of the kernel's choosing
+    (`--port 0`, read back through `--port-file`); yields the port once it
+    answers. Its log goes to this process's stderr."""
+    with tempfile.TemporaryDirectory(prefix="lmcd-spawn-") as tmp:
+        port_file = os.path.join(tmp, "port")
+        args = serve_command(
+            0, "--port-file", port_file, "--log-level", log_level, *flags
+        )
+        proc = subprocess.Popen(args, text=True)
+        try:
+            port = wait_port_file(port_file, proc)
+            wait_ready(port, proc)
+            yield port
+        finally:
+            stop(proc)

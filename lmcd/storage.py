@@ -19,6 +19,11 @@ RETRIEVE pins its chunks while copying and, when the copy completes,
 releases one lock each. Locked, pinned and reserved chunks are
 never evicted: the policy only ever sees the evictable ones.
 
+Tier failures are translated here, at the tier boundary: a tier that raises
+`MemoryError` or `OSError` while a STORE reserves (memory the OS refuses)
+makes `reserve` undo every reservation of that STORE and raise `TierError`;
+nothing is left RESERVED and the keys can be stored again.
+
 Lower tiers (disk, remote: `lmcd.tiering`) hook in at four places: lookups
 may count chunks that a lower tier holds (`lower=`), promotions reserve and
 commit CPU entries without counting as stores (`promotion=True`),
@@ -34,7 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 
-from lmcd.errors import StorageFull
+from lmcd.errors import StorageFull, TierError
 from lmcd.eviction import EvictionPolicy, LRUPolicy
 from lmcd.wire.types import CacheKey
 from lmcd_backends.protocol import Extent, StorageTier, TierStatistics
@@ -191,10 +196,12 @@ class StorageManager:
         """Reserve room for the chunks of a STORE, in key order.
 
         Keys present or in flight are skipped. When no room can be made (all
-        else is locked, pinned or reserved), the prefix that fit is kept and
-        the rest refused. Raises `ValueError` for a key without a worker id
-        or a chunk that can never fit the tier. A `promotion` (a copy coming
-        back from a lower tier) is not counted as a store.
+        else is locked, pinned or reserved, or the tier has not prepared
+        more memory yet), the prefix that fit is kept and the rest refused.
+        Raises `ValueError` for a key without a worker id or a chunk that can
+        never fit the tier, and `TierError` when the tier fails (nothing of
+        this STORE stays reserved). A `promotion` (a copy coming back from a
+        lower tier) is not counted as a store.
         """
         self.expire_locks()
         if not self.tier.fits(nbytes):
@@ -216,12 +223,16 @@ class StorageManager:
             except StorageFull:
                 refused = len(keys) - i
                 self._reserved += len(entries)
-                self._c.store_skipped_chunks += present
-                self._c.store_refused_chunks += refused
-                log.warning(
-                    "Buffer full: %d of %d chunks not stored", refused, len(keys)
-                )
+                if not promotion:
+                    self._c.store_skipped_chunks += present
+                    self._c.store_refused_chunks += refused
+                    self._log_full(refused, len(keys))
                 return Reservation(tuple(entries), tuple(indices), present, refused)
+            except BaseException as e:
+                self._rollback(entries)
+                if isinstance(e, MemoryError | OSError):
+                    raise TierError(f"the memory tier failed: {e}") from e
+                raise
             entry = Entry(key, extent, nbytes, layout)
             index[key] = entry
             entries.append(entry)
@@ -229,6 +240,27 @@ class StorageManager:
         self._reserved += len(entries)
         self._c.store_skipped_chunks += present
         return Reservation(tuple(entries), tuple(indices), present, 0)
+
+    def _rollback(self, entries: list[Entry]) -> None:
+        # Reservations of a STORE that could not be admitted: they were
+        # never counted as reserved, so only index and tier are undone.
+        for entry in entries:
+            del self._index[entry.key]
+            self.tier.free(entry.extent)
+
+    def _log_full(self, refused: int, total: int) -> None:
+        tier = self.tier.statistics()
+        if tier.materialized_bytes < tier.capacity_bytes:
+            log.warning(
+                "Buffer full: %d of %d chunks not stored (%.2f of %.2f GiB "
+                "prepared so far: the stores outran the buffer's growth)",
+                refused,
+                total,
+                tier.materialized_bytes / (1 << 30),
+                tier.capacity_bytes / (1 << 30),
+            )
+        else:
+            log.warning("Buffer full: %d of %d chunks not stored", refused, total)
 
     def _allocate(self, nbytes: int) -> Extent:
         while True:

@@ -600,8 +600,8 @@ class Tiering:
             reservation = self.storage.reserve(
                 [key], oid.nbytes, oid.layout, promotion=True
             )
-        except ValueError:
-            return None  # can never fit the CPU buffer
+        except (ValueError, TierError):
+            return None  # can never fit the CPU buffer, or it failed
         if not reservation.entries:
             if reservation.refused:
                 self.storage.abort(reservation)

@@ -1,8 +1,10 @@
-"""Fixtures: a live `lmcd serve` subprocess on a free loopback port."""
+"""Fixtures: a live `lmcd serve` subprocess on a loopback port of the
+kernel's choosing (`--port 0`, read back from its "listening on" line)."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -16,6 +18,10 @@ import zmq
 from lmcd.spawn import free_port, serve_command
 
 STARTUP_TIMEOUT = 30.0
+# free_port: only for a port that nothing should listen on ("unreachable").
+__all__ = ["Server", "free_port", "start_server"]
+_LISTENING = re.compile(r"listening on tcp://[^ ]*:(\d+)")
+_METRICS = re.compile(r"Metrics on http://[^ ]*:(\d+)/metrics")
 
 
 @attrs.define
@@ -33,6 +39,21 @@ class Server:
 
     def log(self) -> str:
         return "".join(self.lines)
+
+    def mark(self) -> int:
+        """A log offset: `log_since(mark)` is what was logged after it."""
+        return len(self.lines)
+
+    def log_since(self, mark: int) -> str:
+        return "".join(self.lines[mark:])
+
+    @property
+    def metrics_port(self) -> int:
+        """The bound `--metrics-port` (start with `--metrics-port 0`)."""
+        found = _METRICS.search(self.log())
+        if found is None:
+            raise AssertionError(f"no metrics port logged:\n{self.log()}")
+        return int(found.group(1))
 
     def wait_for_log(self, text: str, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -58,15 +79,15 @@ class Server:
 
 
 def start_server(*args: str) -> Server:
-    port = free_port()
+    """`lmcd serve --port 0 ARGS`; returns once it has logged its port."""
     proc = subprocess.Popen(
-        serve_command(port, *args),
+        serve_command(0, *args),
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    server = Server(proc, port)
+    server = Server(proc, 0)
 
     def pump() -> None:
         assert proc.stderr is not None
@@ -76,13 +97,14 @@ def start_server(*args: str) -> Server:
     server.pump = threading.Thread(target=pump, daemon=True)
     server.pump.start()
     deadline = time.monotonic() + STARTUP_TIMEOUT
-    while "listening on" not in server.log():
+    while (found := _LISTENING.search(server.log())) is None:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             proc.wait()
             server.close_pipes()
             raise AssertionError(f"lmcd serve did not start:\n{server.log()}")
         time.sleep(0.02)
+    server.port = int(found.group(1))
     return server
 
 

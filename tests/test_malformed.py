@@ -17,6 +17,21 @@ from tests.conftest import Server
 
 enc = msgspec.msgpack.encode
 KEY = {"model_name": "m", "world_size": 1, "worker_id": 0, "chunk_hash": b"h"}
+# An array nested 100,000 deep: past every decoder's recursion limit.
+DEEP = b"\x91" * 100_000 + b"\x01"
+_MODULE = b"lmcache.v1.multiprocess.custom_types"
+_NAME = b"CudaIPCWrapper"
+# The wrapper class built (NEWOBJ) but never given its state (no BUILD).
+HALF_BUILT = (
+    b"\x80\x04\x8c" + bytes([len(_MODULE)]) + _MODULE
+    + b"\x8c" + bytes([len(_NAME)]) + _NAME + b"\x93)\x81."
+)  # fmt: skip
+# NONE, LONG_BINPUT 2**32-1, STOP: a 4-billion-slot memo if unchecked.
+MEMO_BOMB = b"\x80\x04Nr\xff\xff\xff\xff."
+
+
+def wrappers(*pickles: bytes) -> bytes:
+    return enc([msgspec.msgpack.Ext(1, p) for p in pickles])
 
 
 @pytest.fixture
@@ -105,6 +120,31 @@ CASES: list[tuple[str, list[bytes], list[bytes] | None]] = [
         [enc(11), enc(7), enc(0)],
         [enc(11), enc(7), enc(0)],
     ),
+    (
+        "LOOKUP keys nested 100,000 deep",
+        [enc(12), enc(5), DEEP, enc(True)],
+        [enc(12), enc(5), enc([False])],
+    ),
+    (
+        "STORE keys nested 100,000 deep",
+        [enc(13), enc(3), DEEP, enc(1), enc([0]), enc(b"ev")],
+        [enc(13), enc(3), enc([b"ev", False])],
+    ),
+    (
+        "REGISTER wrapper without state",
+        [enc(14), enc(1), enc(1234), wrappers(HALF_BUILT)],
+        [enc(14), enc(1)],
+    ),
+    (
+        "REGISTER 9-byte memo bomb",
+        [enc(15), enc(1), enc(1234), wrappers(MEMO_BOMB)],
+        [enc(15), enc(1)],
+    ),
+    (
+        "LOOKUP with 100 extra frames",
+        [enc(16), enc(5), enc([KEY, KEY]), enc(True), *[b"\xc0"] * 100],
+        [enc(16), enc(5), enc([False, False])],
+    ),
 ]
 
 
@@ -120,6 +160,7 @@ def test_malformed_message(
     zmq_context: Any,
 ) -> None:
     before = stats(zmq_context, server)["malformed_messages"]
+    mark = server.mark()
     raw.send_multipart(message)
     if expected is None:
         assert reply(raw, 300) is None
@@ -127,6 +168,44 @@ def test_malformed_message(
         assert reply(raw) == expected
     noop_from_another_client(zmq_context, server)
     assert stats(zmq_context, server)["malformed_messages"] == before + 1
+    assert "Traceback" not in server.log_since(mark)
+
+
+@pytest.mark.parametrize(
+    ("name", "message", "expected"),
+    [
+        (
+            "40,000 one-byte frames",
+            [enc(1), enc(5), enc([KEY]), enc(True), *[b"\xc0"] * 40_000],
+            [enc(1), enc(5), enc([False])],
+        ),
+        (
+            "a 40 MiB STORE",
+            [enc(2), enc(3), enc([KEY]), enc(1), bytes(40 << 20), enc(b"ev")],
+            # The handle frame came after the limit: not kept, not echoed.
+            [enc(2), enc(3), enc([b"", False])],
+        ),
+        ("a 40 MiB uid", [bytes(40 << 20), enc(8)], None),
+    ],
+)
+def test_message_over_the_caps_is_dropped_and_answered(
+    name: str,
+    message: list[bytes],
+    expected: list[bytes] | None,
+    raw: zmq.Socket[bytes],
+    server: Server,
+    zmq_context: Any,
+) -> None:
+    before = stats(zmq_context, server)
+    raw.send_multipart(message)
+    if expected is None:
+        assert reply(raw, 300) is None
+    else:
+        assert reply(raw) == expected
+    noop_from_another_client(zmq_context, server)
+    after = stats(zmq_context, server)
+    assert after["oversized_messages"] == before["oversized_messages"] + 1
+    assert after["malformed_messages"] == before["malformed_messages"] + 1
 
 
 class _RunsCode:
@@ -155,3 +234,36 @@ def test_client_that_disconnects_before_its_reply(
         sock.send_multipart([enc(1), enc(5), enc([KEY] * 100), enc(True)])
         sock.close(linger=0)
     noop_from_another_client(zmq_context, server)
+
+
+def test_oversized_message_is_answered_in_the_connections_dialect(
+    server: Server, zmq_context: Any
+) -> None:
+    sock = zmq_context.socket(zmq.DEALER)
+    sock.connect(server.url)
+    try:
+        # NOOP is 24 in lmcache 0.5 and unknown to 0.3: it binds the
+        # connection to 0.5, whose STORE (6) failure is `[b"", False]`.
+        sock.send_multipart([enc(0), enc(24)])
+        assert reply(sock) == [enc(0), enc(24), enc("OK")]
+        sock.send_multipart([enc(1), enc(6), *[b"\xc0"] * 40_000])
+        assert reply(sock) == [enc(1), enc(6), enc([b"", False])]
+    finally:
+        sock.close(linger=0)
+
+
+def test_oversized_message_of_an_unbound_client_is_counted_not_guessed(
+    server: Server, zmq_context: Any
+) -> None:
+    sock = zmq_context.socket(zmq.DEALER)
+    sock.connect(server.url)
+    try:
+        before = stats(zmq_context, server)
+        # Type 5: LOOKUP in 0.3, store_q in 0.5; the two owe different replies.
+        sock.send_multipart([enc(1), enc(5), enc([KEY]), *[b"\xc0"] * 40_000])
+        assert reply(sock, 300) is None
+        after = stats(zmq_context, server)
+        assert after["oversized_messages"] == before["oversized_messages"] + 1
+        assert after["ambiguous_messages"] == before["ambiguous_messages"] + 1
+    finally:
+        sock.close(linger=0)

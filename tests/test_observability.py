@@ -35,7 +35,6 @@ def busy() -> Iterator[tuple[Server, int]]:
     """A daemon with 10 chunks of room, after a known sequence of requests."""
     import zmq
 
-    metrics_port = free_port()
     # 3 layers x 2 x 256 x 128 x bf16 = 384 KiB a chunk; 4 MiB holds 10.
     s = start_server(
         "--cpu-buffer-size",
@@ -43,8 +42,9 @@ def busy() -> Iterator[tuple[Server, int]]:
         "--segment-mb",
         "4",
         "--metrics-port",
-        str(metrics_port),
+        "0",
     )
+    metrics_port = s.metrics_port
     ctx = zmq.Context()
     c = open_client(s.url, ctx)
     kv = random_kv("mha", num_blocks=16 * 8)
@@ -224,7 +224,7 @@ def test_metrics_port_in_use_is_a_clean_error(server: Server) -> None:
             "--host",
             "127.0.0.1",
             "--port",
-            str(free_port()),
+            "0",
             "--metrics-port",
             str(port),
             "--cpu-buffer-size",
@@ -237,3 +237,83 @@ def test_metrics_port_in_use_is_a_clean_error(server: Server) -> None:
 
 def test_stats_request_type_is_the_extension_value() -> None:
     assert RequestType.STATS == 1000
+
+
+# -- the metrics endpoint's HTTP edge ------------------------------------------
+
+
+async def _http(port: int, request: bytes) -> tuple[str, dict[str, str], bytes]:
+    """Send one raw HTTP/1.1 request; (status line, headers, body)."""
+    import trio
+
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(request)
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines)}
+    return status, headers, body
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+async def test_metrics_refuses_other_methods_with_a_correct_405(
+    method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    import trio
+
+    from lmcd import metrics
+
+    app = metrics.make_app(lambda: {"models": {}}, lambda: True)
+    with caplog.at_level(logging.DEBUG), trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            urls = await nursery.start(metrics.serve, app, "127.0.0.1", 0)
+            port = int(urls[0].rsplit(":", 1)[1])
+            request = (
+                f"{method} /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                "Connection: close\r\n\r\n"
+            ).encode()
+            status, headers, body = await _http(port, request)
+            head_status, head_headers, head_body = await _http(
+                port, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            nursery.cancel_scope.cancel()
+    assert status == "HTTP/1.1 405 "
+    assert headers["allow"] == "GET, HEAD"
+    assert int(headers["content-length"]) == len(body) > 0
+    assert head_status == "HTTP/1.1 200 "
+    assert int(head_headers["content-length"]) == len(b"ok\n")
+    assert head_body == b""
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def test_per_model_series_are_capped_with_other() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from lmcd.metrics import MAX_MODEL_SERIES, StatsCollector
+
+    models = {f"m{i:03d}": {"chunks": i, "bytes": 100 * i} for i in range(1, 51)}
+    models["other"] = {"chunks": 1000, "bytes": 1}  # a client's model so named
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(lambda: {"models": models, "instances": []}))
+    families = {
+        f.name: f
+        for f in text_string_to_metric_families(generate_latest(registry).decode())
+    }
+    chunks = {s.labels["model"]: s.value for s in families["lmcd_model_chunks"].samples}
+    nbytes = {s.labels["model"]: s.value for s in families["lmcd_model_bytes"].samples}
+    top = {f"m{i:03d}" for i in range(51 - MAX_MODEL_SERIES, 51)}
+    assert set(chunks) == set(nbytes) == top | {"other"}
+    assert sum(chunks.values()) == sum(u["chunks"] for u in models.values())
+    assert sum(nbytes.values()) == sum(u["bytes"] for u in models.values())
+    assert chunks["other"] == 1000 + sum(range(1, 51 - MAX_MODEL_SERIES))
+
+
+def test_few_models_get_no_other_series() -> None:
+    from lmcd.metrics import model_series
+
+    assert model_series({"a": {"chunks": 1, "bytes": 2}}, 20) == {"a": (1, 2)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -298,3 +299,162 @@ def test_any_header_decodes_or_is_refused(frames: list[bytes]) -> None:
     except ProtocolError:
         return
     assert header.uid == frames[0]
+
+
+# -- pickles: the opcode stream is checked before anything is unpickled -------
+
+_WRAPPER_MODULE = b"lmcache.v1.multiprocess.custom_types"
+
+
+def _unicode(text: bytes) -> bytes:
+    return b"\x8c" + bytes([len(text)]) + text  # SHORT_BINUNICODE
+
+
+def _wrapper_global() -> bytes:
+    return _unicode(_WRAPPER_MODULE) + _unicode(b"CudaIPCWrapper") + b"\x93"
+
+
+def _real_wrapper() -> bytes:
+    v = next(v for v in VECTORS if v["request"] == "REGISTER_KV_CACHE")
+    ext = msgspec.msgpack.decode(frames(v["client_frames_hex"])[3])[0]
+    return bytes(ext.data)
+
+
+@pytest.mark.parametrize("index", [2**32 - 1, 2**24])
+def test_huge_memo_index_is_refused_without_allocating(index: int) -> None:
+    import tracemalloc
+
+    # NONE, LONG_BINPUT index, STOP: unchecked, the unpickler sizes its memo
+    # to twice the index (2**24 -> 256 MiB; 2**32-1 -> 64 GiB).
+    bomb = b"\x80\x04N" + b"r" + index.to_bytes(4, "little") + b"."
+    assert len(bomb) == 9
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match="memo index"):
+            load_cuda_ipc_wrapper(bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("NEWOBJ without BUILD", b"\x80\x04" + _wrapper_global() + b")\x81."),
+        ("REDUCE without BUILD", b"\x80\x04" + _wrapper_global() + b")R."),
+        ("BUILD with None", b"\x80\x04" + _wrapper_global() + b")\x81Nb."),
+        ("NEWOBJ with arguments", b"\x80\x04" + _wrapper_global() + b"K\x01\x85\x81."),
+    ],
+)
+def test_half_built_wrapper_is_a_protocol_error(name: str, data: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        load_cuda_ipc_wrapper(data)
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "error"),
+    [
+        ("EXT1", b"\x80\x04\x82\x01.", "opcode EXT1"),
+        ("INST", b"(ios\nsystem\nX\x02\x00\x00\x00id.", "opcode INST"),
+        ("EMPTY_LIST", b"\x80\x04]N\x61.", "opcode EMPTY_LIST"),
+        ("BINFLOAT", b"\x80\x04G" + bytes(8) + b".", "opcode BINFLOAT"),
+        ("PERSID", b"\x80\x04N\x51.", "opcode BINPERSID"),
+        ("nested 20 deep", b"\x80\x04)" + b"\x85" * 20 + b".", "nests deeper"),
+        (
+            "5000 bytes",
+            b"\x80\x04X" + (5000).to_bytes(4, "little") + b"a" * 5000 + b".",
+            "over 4096",
+        ),
+        ("memo read never stored", b"\x80\x04h\x05.", "never stored"),
+        ("data after STOP", b"\x80\x04N.N.", "after STOP"),
+        ("no STOP", b"\x80\x04N", "malformed|no STOP"),
+    ],
+)
+def test_pickle_opcode_stream_is_checked(name: str, data: bytes, error: str) -> None:
+    with pytest.raises(ProtocolError, match=error):
+        load_cuda_ipc_wrapper(data)
+
+
+def test_real_wrapper_passes_the_opcode_check() -> None:
+    from lmcd.wire.unpickle import MAX_PICKLE_BYTES, check_opcodes
+
+    data = _real_wrapper()
+    check_opcodes(data)
+    assert len(data) * 4 < MAX_PICKLE_BYTES
+    ref = load_cuda_ipc_wrapper(data)
+    assert isinstance(ref, CudaTensorRef)
+
+
+def test_wrapper_handle_must_be_flat() -> None:
+    # The real wrapper with its handle's first element (BININT1 0) replaced
+    # by an empty tuple: refused before it can reach torch.
+    data = _real_wrapper()
+    at = data.index(b"(K\x00C@") + 1
+    bad = data[:at] + b")" + data[at + 2 :]
+    bad = bad[:2] + b"\x95" + (len(bad) - 11).to_bytes(8, "little") + bad[11:]
+    with pytest.raises(ProtocolError, match="ints, bytes and bools"):
+        load_cuda_ipc_wrapper(bad)
+
+
+# -- nesting: failure replies never decode what failed to decode -------------
+
+_DEEP = b"\x91" * 100_000 + b"\x01"
+
+
+@pytest.mark.parametrize(
+    ("message", "reply"),
+    [
+        ([_enc(1), _enc(5), _DEEP, _enc(True)], [False]),
+        ([_enc(1), _enc(3), _DEEP, _enc(1), _enc([0]), _enc(b"ev")], [b"ev", False]),
+        ([_enc(1), _enc(4), _DEEP, _enc(1), _enc([0]), _enc(b"ev")], [b"ev", [False]]),
+    ],
+    ids=["LOOKUP", "STORE", "RETRIEVE"],
+)
+def test_keys_nested_100k_deep_get_the_failure_reply(
+    message: list[bytes], reply: object
+) -> None:
+    assert _reply_value(_payload_error(message)) == reply
+
+
+@pytest.mark.parametrize("rtype", [1, 2, 3, 4, 5, 6, 7, 8, 1000])
+@pytest.mark.parametrize("position", [0, 1, 2, 3])
+def test_deep_nesting_anywhere_is_a_payload_error(rtype: int, position: int) -> None:
+    payloads = [_enc([KEY]), _enc(1), _enc([0]), _enc(b"ev")]
+    payloads[position] = b"\x91" * 5000 + b"\x01"
+    message = parse([_enc(1), _enc(rtype), *payloads])
+    with contextlib.suppress(PayloadError):
+        decode_request(message)
+
+
+@pytest.mark.parametrize(
+    ("frame", "count"),
+    [
+        (_enc([1, 2, 3]), 3),
+        (_enc(list(range(100))), 100),
+        (_enc(list(range(70_000))), 70_000),
+        (b"\xdd\xff\xff\xff\xff\x01\x02\x03", 3),  # claims 2**32-1, holds 3 bytes
+        (b"\xdc\x00", 0),
+        (_enc({"a": 1}), 0),
+        (b"", 0),
+    ],
+)
+def test_array_length_reads_only_the_header(frame: bytes, count: int) -> None:
+    from lmcd.wire.lmcache03 import array_length
+
+    assert array_length(frame) == count
+
+
+def test_recursion_in_any_decoder_is_a_payload_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A decoder of untyped values (lmcache 0.5's maps, say) recurses into
+    whatever it is given; the codec turns that into the failure reply."""
+    from lmcd.wire import lmcache03
+
+    def untyped_lookup(p: list[bytes]) -> Any:
+        return msgspec.msgpack.decode(p[0])
+
+    monkeypatch.setitem(lmcache03._DECODERS, RequestType.LOOKUP, untyped_lookup)
+    err = _payload_error([_enc(1), _enc(5), _DEEP, _enc(True)])
+    assert _reply_value(err) == [False]

@@ -5,10 +5,11 @@ client's IPC event and then gathers the chunk's blocks into a staging buffer
 (scatters, for RETRIEVE), and a copy stream that moves staging <-> pinned
 host memory on the copy engine. Two staging buffers alternate, so the gather
 of one batch overlaps the copy of the last. The last operation records an
-interprocess event whose handle is the reply; the scheduler commits (or
-unpins) when that event has completed, polling it without blocking Trio.
+interprocess event whose handle is the reply. `store` and `retrieve` return
+that event as an `EventCompletion`: the scheduler commits (or unpins) when
+it has completed, polling it without blocking Trio.
 
-Everything here runs in a worker thread, except `query`.
+Everything here runs in a worker thread.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import attrs
 
 from lmcd.errors import RegistrationError
+from lmcd.transfer.completion import EventCompletion
 from lmcd.transfer.host import torch_dtype
 from lmcd.transfer.layouts import KVLayout
 from lmcd.wire.types import CudaTensorRef
@@ -163,11 +165,12 @@ def store(
     event_handle: bytes,
     chunks: Sequence[tuple[Sequence[int], Any]],
     chunk_tokens: int,
-) -> tuple[Any, list[Any]]:
+) -> EventCompletion:
     """Issue GPU -> pinned copies of `chunks` (`[(block_ids, uint8 buffer)]`).
 
-    Returns the interprocess event that completes when every copy is done,
-    and the tensors that must stay alive until then.
+    Returns the completion of the interprocess event that completes when
+    every copy is done (its handle is the reply), keeping alive the tensors
+    the copies use until then.
     """
     import torch
 
@@ -207,7 +210,8 @@ def store(
             kv.set_free(k % 2, freed)
         done = torch.cuda.Event(interprocess=True)
         done.record(kv.copy_stream)
-    return done, keep
+        handle = bytes(done.ipc_handle())
+    return EventCompletion(done, handle, keep)
 
 
 def retrieve(
@@ -215,8 +219,9 @@ def retrieve(
     event_handle: bytes,
     chunks: Sequence[tuple[Sequence[int], Any]],
     chunk_tokens: int,
-) -> tuple[Any, list[Any]]:
-    """Issue pinned -> GPU copies of `chunks` and the scatter into their blocks."""
+) -> EventCompletion:
+    """Issue pinned -> GPU copies of `chunks` and the scatter into their
+    blocks; returns the completion, as `store` does."""
     import torch
 
     layout = kv.layout
@@ -256,15 +261,11 @@ def retrieve(
             kv.set_free(k % 2, freed)
         done = torch.cuda.Event(interprocess=True)
         done.record(kv.gather_stream)
-    return done, keep
+        handle = bytes(done.ipc_handle())
+    return EventCompletion(done, handle, keep)
 
 
 def _host_view(layout: KVLayout, buffer: Any, tokens: int) -> Any:
     nbytes = layout.chunk_bytes(tokens)
     typed = buffer[:nbytes].view(torch_dtype(layout.dtype))
     return typed.view(layout.planes, layout.num_layers, tokens, layout.hidden)
-
-
-def query(event: Any) -> bool:
-    """Whether `event` has completed (cheap; safe on the Trio thread)."""
-    return bool(event.query())

@@ -126,13 +126,32 @@ def failure_reply(rtype: RequestType, payloads: Sequence[bytes]) -> object:
 
 
 def _count_keys(payloads: Sequence[bytes], index: int) -> int:
-    if len(payloads) <= index or len(payloads[index]) > MAX_LIST_FRAME:
+    if len(payloads) <= index:
         return 0
-    try:
-        keys = msgspec.msgpack.decode(payloads[index], type=list[Any])
-    except msgspec.DecodeError:
+    return min(array_length(payloads[index]), MAX_KEYS_PER_REQUEST)
+
+
+def array_length(frame: bytes) -> int:
+    """The element count in the header of a MessagePack array, 0 if `frame`
+    does not start with one.
+
+    Reads only the header, never the elements: a failure reply must not
+    decode what just failed to decode (an array nested 100,000 deep makes a
+    decoder recurse). The count is capped by the bytes that follow, since
+    every element takes at least one.
+    """
+    if not frame:
         return 0
-    return min(len(keys), MAX_KEYS_PER_REQUEST)
+    head = frame[0]
+    if 0x90 <= head <= 0x9F:
+        count, start = head & 0x0F, 1
+    elif head == 0xDC and len(frame) >= 3:
+        count, start = int.from_bytes(frame[1:3], "big"), 3
+    elif head == 0xDD and len(frame) >= 5:
+        count, start = int.from_bytes(frame[1:5], "big"), 5
+    else:
+        return 0
+    return min(count, len(frame) - start)
 
 
 def _request_type(message: Message) -> RequestType | None:
@@ -164,10 +183,16 @@ def decode_request(message: Message) -> Request:
         )
     try:
         return _DECODERS[rtype](payloads)
-    except (ProtocolError, msgspec.DecodeError) as e:
+    except (ProtocolError, msgspec.DecodeError, RecursionError) as e:
+        # RecursionError: a payload nested past a decoder's depth limit.
         raise PayloadError(
-            f"bad {rtype.name} payload: {e}", _failure(message, rtype)
+            f"bad {rtype.name} payload: {_short(e)}", _failure(message, rtype)
         ) from e
+
+
+def _short(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _failure(message: Message, rtype: RequestType) -> list[bytes]:

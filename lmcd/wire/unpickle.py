@@ -1,28 +1,44 @@
-"""A restricted unpickler for lmcache's pickled `CudaIPCWrapper`.
+"""A restricted unpickler for lmcache's pickled tensor-handle wrappers.
 
-Unpickling bytes from a socket is remote code execution. `find_class` admits
-exactly three kinds of global and maps each to a harmless stand-in defined
-here (lmcache and torch are never imported):
+Unpickling bytes from a socket is remote code execution, and even without a
+single global a pickle can make the unpickler allocate without bound (one
+`LONG_BINPUT` with index 2**32-1 sizes the memo to 4 billion slots). So a
+pickle is checked twice:
 
-- `lmcache.v1.multiprocess.custom_types.CudaIPCWrapper` -> `_WrapperState`,
-  which only records the attributes that lmcache sets;
-- `torch.Size` -> a function that returns a tuple of ints;
-- `torch.<dtype>` for the dtypes below -> the dtype's name.
+1. Before unpickling, `check_opcodes` reads its opcode stream with
+   `pickletools.genops` (which builds no objects): at most `MAX_PICKLE_BYTES`
+   bytes, only the opcodes in `ALLOWED_OPCODES`, memo indices below
+   `MAX_MEMO`, and containers nested at most `MAX_NESTING` deep (tracked by a
+   small simulation of the unpickler's stack).
+2. While unpickling, `find_class` admits only the globals of the allowlist
+   and maps each to a harmless stand-in defined here (lmcache and torch are
+   never imported): a `WrapperClass` (today lmcache 0.3's `CudaIPCWrapper`)
+   -> a stand-in that records the attributes lmcache sets; `torch.Size` -> a
+   function returning a tuple of ints; `torch.<dtype>` -> the dtype's name.
 
-Any other global is refused before an object is built.
+Every failure, whatever the unpickler raised, is a `ProtocolError`.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+import pickletools
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from lmcd.errors import ProtocolError
-from lmcd.wire.types import CudaTensorRef
+import attrs
 
-WRAPPER_MODULE = "lmcache.v1.multiprocess.custom_types"
-WRAPPER_NAME = "CudaIPCWrapper"
+from lmcd.errors import ProtocolError
+from lmcd.wire.types import CudaTensorRef, TensorRef
+
+# A real 0.3 wrapper pickles to 330-380 bytes (two 64-byte handles, a shape,
+# a device UUID); newer wrappers add a stride tuple and an offset.
+MAX_PICKLE_BYTES = 4096
+# The 0.3 wrapper memoizes 23 objects.
+MAX_MEMO = 256
+# The 0.3 wrapper nests 3 deep: wrapper <- state dict <- handle tuple.
+MAX_NESTING = 8
 
 TORCH_DTYPES = frozenset(
     {
@@ -45,8 +61,173 @@ TORCH_DTYPES = frozenset(
     }
 )
 _DTYPE_ALIASES = {"half": "float16", "float": "float32", "double": "float64"}
-_WRAPPER_FIELDS = frozenset({"handle", "dtype", "shape", "device", "device_uuid"})
 _MAX_DIMS = 8
+_MAX_DIM = 1 << 48
+_MAX_UUID = 128
+
+# What protocols 2-5 emit for the wrappers; nothing that calls arbitrary
+# code (INST, OBJ, NEWOBJ_EX, EXT*, PERSID), mutates lists or sets, or
+# carries out-of-band buffers.
+_PUSH_SCALAR = frozenset(
+    {
+        "NONE",
+        "NEWTRUE",
+        "NEWFALSE",
+        "BININT",
+        "BININT1",
+        "BININT2",
+        "LONG1",
+        "SHORT_BINUNICODE",
+        "BINUNICODE",
+        "SHORT_BINBYTES",
+        "BINBYTES",
+        "GLOBAL",
+    }
+)
+_PUT = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_GET = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_TUPLE_N = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+ALLOWED_OPCODES = frozenset(
+    {
+        *_PUSH_SCALAR,
+        *_PUT,
+        *_GET,
+        *_TUPLE_N,
+        "PROTO",
+        "FRAME",
+        "STOP",
+        "MARK",
+        "MEMOIZE",
+        "STACK_GLOBAL",
+        "EMPTY_TUPLE",
+        "TUPLE",
+        "EMPTY_DICT",
+        "DICT",
+        "SETITEM",
+        "SETITEMS",
+        "REDUCE",
+        "NEWOBJ",
+        "BUILD",
+    }
+)
+
+
+def check_opcodes(data: bytes) -> None:
+    """Refuse a pickle that is too large, uses an opcode outside
+    `ALLOWED_OPCODES`, a memo index of `MAX_MEMO` or more, or nests deeper than
+    `MAX_NESTING`. Raises `ProtocolError`; builds no objects."""
+    if len(data) > MAX_PICKLE_BYTES:
+        raise ProtocolError(f"pickle is {len(data)} bytes, over {MAX_PICKLE_BYTES}")
+    model = _StackModel()
+    end = 0
+    try:
+        for op, arg, pos in pickletools.genops(data):
+            model.step(op.name, arg)
+            end = (pos or 0) + 1
+    except ProtocolError:
+        raise
+    except Exception as e:  # genops raises ValueError and others on bad bytes
+        raise ProtocolError(f"malformed pickle: {e}") from e
+    if not model.stopped:
+        raise ProtocolError("pickle has no STOP")
+    if end != len(data):
+        # genops and the unpickler stop at STOP; nothing may hide behind it.
+        raise ProtocolError(f"pickle has {len(data) - end} bytes after STOP")
+
+
+@attrs.define(slots=True)
+class _StackModel:
+    """The unpickler's stack and memo, holding each object's nesting depth
+    instead of the object."""
+
+    stack: list[int] = attrs.field(factory=list)
+    marks: list[int] = attrs.field(factory=list)
+    memo: dict[int, int] = attrs.field(factory=dict)
+    stopped: bool = False
+
+    def step(self, name: str, arg: Any) -> None:
+        if self.stopped or name not in ALLOWED_OPCODES:
+            raise ProtocolError(f"pickle opcode {name} is not allowed")
+        if name in _PUSH_SCALAR:
+            self.push(0)
+        elif name in _PUT:
+            self.set_memo(arg)
+        elif name == "MEMOIZE":
+            self.set_memo(len(self.memo))
+        elif name in _GET:
+            if arg not in self.memo:
+                raise ProtocolError(f"pickle reads memo index {arg}, never stored")
+            self.push(self.memo[arg])
+        elif name == "MARK":
+            self.marks.append(len(self.stack))
+        elif name in ("EMPTY_TUPLE", "EMPTY_DICT"):
+            self.push(1)
+        elif name in ("TUPLE", "DICT"):
+            self.push(_nest(self.pop_mark()))
+        elif name in _TUPLE_N:
+            self.push(_nest(self.pop(_TUPLE_N[name])))
+        elif name == "STACK_GLOBAL":
+            self.pop(2)
+            self.push(0)
+        elif name in ("REDUCE", "NEWOBJ"):
+            _, args = self.pop(2)
+            self.push(max(args, 1))
+        elif name in ("SETITEM", "SETITEMS", "BUILD"):
+            n = {"SETITEM": 2, "BUILD": 1}.get(name)
+            items = self.pop(n) if n is not None else self.pop_mark()
+            (target,) = self.pop(1)
+            self.push(max(target, _nest(items)))
+        elif name == "STOP":
+            if len(self.stack) != 1 or self.marks:
+                raise ProtocolError("pickle does not end with one object")
+            self.stopped = True
+        # PROTO and FRAME only announce what follows.
+
+    def push(self, depth: int) -> None:
+        if depth > MAX_NESTING:
+            raise ProtocolError(f"pickle nests deeper than {MAX_NESTING}")
+        self.stack.append(depth)
+
+    def pop(self, n: int) -> list[int]:
+        stack = self.stack
+        if len(stack) - (self.marks[-1] if self.marks else 0) < n:
+            raise ProtocolError("pickle stack underflow")
+        items = stack[len(stack) - n :]
+        del stack[len(stack) - n :]
+        return items
+
+    def pop_mark(self) -> list[int]:
+        if not self.marks:
+            raise ProtocolError("pickle stack has no mark")
+        start = self.marks.pop()
+        items = self.stack[start:]
+        del self.stack[start:]
+        return items
+
+    def set_memo(self, index: int) -> None:
+        if not 0 <= index < MAX_MEMO:
+            raise ProtocolError(f"pickle memo index {index} not below {MAX_MEMO}")
+        if not self.stack:
+            raise ProtocolError("pickle memoizes an empty stack")
+        self.memo[index] = self.stack[-1]
+
+
+def _nest(items: list[int]) -> int:
+    return 1 + max(items, default=0)
+
+
+@attrs.frozen
+class WrapperClass:
+    """A pickled tensor-handle class that `load_wrapper` may build.
+
+    `fields` are the attributes its pickled state may set; `convert` turns
+    them into a `TensorRef` or raises `ProtocolError`.
+    """
+
+    module: str
+    name: str
+    fields: frozenset[str]
+    convert: Callable[[dict[str, Any]], TensorRef]
 
 
 class _DtypeName(str):
@@ -56,57 +237,81 @@ class _DtypeName(str):
 
 
 class _WrapperState:
-    """Stand-in for lmcache's CudaIPCWrapper: a bag of validated attributes."""
+    """Stand-in for a wrapper class: a bag of attributes, checked against the
+    `WrapperClass` it stands for. No `__init__`: NEWOBJ calls only `__new__`
+    (and refuses arguments), so `state` stays None unless BUILD sets it."""
 
-    def __init__(self) -> None:
-        self.state: dict[str, Any] = {}
+    wrapper: WrapperClass
+    state: dict[str, Any] | None = None
 
     def __setstate__(self, state: object) -> None:
-        if not isinstance(state, dict) or not set(state) <= _WRAPPER_FIELDS:
-            raise ProtocolError("CudaIPCWrapper state has unexpected fields")
+        if not isinstance(state, dict) or not set(state) <= self.wrapper.fields:
+            raise ProtocolError(f"{self.wrapper.name} state has unexpected fields")
         self.state = dict(state)
 
 
 def _torch_size(dims: object) -> tuple[int, ...]:
     if not isinstance(dims, tuple) or len(dims) > _MAX_DIMS:
         raise ProtocolError("torch.Size takes a short tuple")
-    if not all(type(d) is int and d >= 0 for d in dims):
+    if not all(type(d) is int and 0 <= d < _MAX_DIM for d in dims):
         raise ProtocolError("torch.Size dimensions must be non-negative ints")
     return dims
 
 
+def allowed_globals(wrappers: Iterable[WrapperClass]) -> dict[tuple[str, str], Any]:
+    """The globals a pickle of one of `wrappers` may name, each mapped to
+    its stand-in: the wrappers, `torch.Size` and the torch dtypes."""
+    allowed: dict[tuple[str, str], Any] = {("torch", "Size"): _torch_size}
+    for dtype in TORCH_DTYPES:
+        allowed["torch", dtype] = _DtypeName(_DTYPE_ALIASES.get(dtype, dtype))
+    for w in wrappers:
+        stand_in = type(f"_{w.name}State", (_WrapperState,), {"wrapper": w})
+        allowed[w.module, w.name] = stand_in
+    return allowed
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, allowed: Mapping[tuple[str, str], Any]) -> None:
+        super().__init__(io.BytesIO(data))
+        self._allowed = allowed
+
     def find_class(self, module: str, name: str) -> Any:
-        if module == WRAPPER_MODULE and name == WRAPPER_NAME:
-            return _WrapperState
-        if module == "torch" and name == "Size":
-            return _torch_size
-        if module == "torch" and name in TORCH_DTYPES:
-            return _DtypeName(_DTYPE_ALIASES.get(name, name))
-        raise ProtocolError(f"pickle refers to {module}.{name}, which is not allowed")
+        found = self._allowed.get((module, name))
+        if found is None:
+            raise ProtocolError(
+                f"pickle refers to {module}.{name}, which is not allowed"
+            )
+        return found
 
     def persistent_load(self, pid: object) -> Any:
         raise ProtocolError("pickle persistent ids are not allowed")
 
 
-def load_cuda_ipc_wrapper(data: bytes) -> CudaTensorRef:
-    """Decode a pickled `CudaIPCWrapper` into a `CudaTensorRef`.
-
-    Raises `ProtocolError` for anything that is not exactly such a wrapper,
-    before any object other than the stand-ins above is built.
-    """
+def load_wrapper(
+    data: bytes, allowed: Mapping[tuple[str, str], Any], what: str
+) -> TensorRef:
+    """Unpickle one wrapper of the classes in `allowed` (from
+    `allowed_globals`) into a `TensorRef`. Raises `ProtocolError` for
+    anything else, before any object other than the stand-ins is built."""
+    check_opcodes(data)
     try:
-        obj = _RestrictedUnpickler(io.BytesIO(data)).load()
+        obj = _RestrictedUnpickler(data, allowed).load()
     except ProtocolError:
         raise
     except Exception as e:  # pickle raises many kinds; all mean "bad payload"
-        raise ProtocolError(f"cannot unpickle CudaIPCWrapper: {e}") from e
+        raise ProtocolError(f"cannot unpickle {what}: {e}") from e
     if not isinstance(obj, _WrapperState):
-        raise ProtocolError("pickle does not hold a CudaIPCWrapper")
-    return _to_ref(obj.state)
+        raise ProtocolError(f"pickle does not hold a {what}")
+    if obj.state is None:
+        raise ProtocolError(f"pickled {obj.wrapper.name} has no state")
+    return obj.wrapper.convert(obj.state)
 
 
-def _to_ref(state: dict[str, Any]) -> CudaTensorRef:
+def _scalar(value: object) -> bool:
+    return value is None or type(value) in (bool, int, bytes)
+
+
+def _cuda_ipc_ref(state: dict[str, Any]) -> CudaTensorRef:
     handle = state.get("handle")
     dtype = state.get("dtype")
     shape = state.get("shape")
@@ -114,14 +319,18 @@ def _to_ref(state: dict[str, Any]) -> CudaTensorRef:
     device_uuid = state.get("device_uuid")
     if not isinstance(handle, tuple) or len(handle) != 8:
         raise ProtocolError("CudaIPCWrapper.handle must be the 8-tuple of _share_cuda_")
+    if not all(_scalar(v) for v in handle):
+        raise ProtocolError("CudaIPCWrapper.handle holds ints, bytes and bools only")
     if not isinstance(dtype, _DtypeName):
         raise ProtocolError("CudaIPCWrapper.dtype must be a torch dtype")
     if not isinstance(shape, tuple) or not shape:
         raise ProtocolError("CudaIPCWrapper.shape must be a torch.Size")
     if device is not None and (type(device) is not int or device < 0):
         raise ProtocolError("CudaIPCWrapper.device must be a device ordinal")
-    if device_uuid is not None and not isinstance(device_uuid, str):
-        raise ProtocolError("CudaIPCWrapper.device_uuid must be a string")
+    if device_uuid is not None and (
+        not isinstance(device_uuid, str) or len(device_uuid) > _MAX_UUID
+    ):
+        raise ProtocolError("CudaIPCWrapper.device_uuid must be a short string")
     if (device is None) == (device_uuid is None):
         raise ProtocolError("CudaIPCWrapper needs exactly one of device, device_uuid")
     return CudaTensorRef(
@@ -131,3 +340,26 @@ def _to_ref(state: dict[str, Any]) -> CudaTensorRef:
         device=device,
         device_uuid=device_uuid,
     )
+
+
+# lmcache 0.3.10-0.3.13. Newer dialects add their classes (0.4's
+# CudaIPCWrapper with stride/storage_offset, RawCudaIPCWrapper,
+# CpuShmTensorWrapper) as further `WrapperClass` entries of their own table.
+CUDA_IPC_WRAPPER_03 = WrapperClass(
+    module="lmcache.v1.multiprocess.custom_types",
+    name="CudaIPCWrapper",
+    fields=frozenset({"handle", "dtype", "shape", "device", "device_uuid"}),
+    convert=_cuda_ipc_ref,
+)
+WRAPPER_MODULE = CUDA_IPC_WRAPPER_03.module
+WRAPPER_NAME = CUDA_IPC_WRAPPER_03.name
+_ALLOWED_03 = allowed_globals([CUDA_IPC_WRAPPER_03])
+
+
+def load_cuda_ipc_wrapper(data: bytes) -> TensorRef:
+    """Decode a pickled lmcache 0.3 `CudaIPCWrapper` into a `CudaTensorRef`.
+
+    Raises `ProtocolError` for anything that is not exactly such a wrapper,
+    before any object other than the stand-ins above is built.
+    """
+    return load_wrapper(data, _ALLOWED_03, "CudaIPCWrapper")
