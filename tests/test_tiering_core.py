@@ -197,7 +197,8 @@ async def test_promotion_wait_is_bounded_and_late_commits_take_no_lock(
         disk.gate = trio.Event()
         local = r.tiers.lookup(keys, lock=True)
         started = trio.current_time()
-        assert await r.tiers.settle(keys, local, True) == 0
+        with trio.fail_after(60):
+            assert await r.tiers.settle(keys, local, True) == 0
         assert 2 <= trio.current_time() - started < 3
         disk.gate.set()
         await r.quiet()
@@ -278,6 +279,22 @@ async def test_background_copies_never_pin_more_than_a_quarter_of_the_buffer() -
         assert r.storage.statistics().store_refused_chunks == 0
         assert r.storage.statistics().pinned_chunks <= 2
         disk.put_gate.set()
+
+
+async def test_chunks_being_written_down_are_never_evicted_under_the_copy() -> None:
+    disk = MemoryTier("disk")
+    disk.put_gate = trio.Event()
+    async with rig(disk=disk, policy=Policy.WRITE_THROUGH) as r:
+        for i in range(30):
+            r.store([k(i)])  # evicts, but never a chunk being written
+            await trio.sleep(0)
+        disk.put_gate.set()
+        await r.quiet()
+        assert disk.objects
+        for oid, raw in disk.objects.items():
+            key = decode_object_key(oid.key)
+            assert key is not None
+            assert raw == data(_index(key))
 
 
 async def test_disk_capacity_deletes_least_recently_used_chunks(tmp_path: Path) -> None:

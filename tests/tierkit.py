@@ -180,9 +180,9 @@ class MemoryTier:
 
     async def put(self, items: Any) -> list[bool]:
         self._count("put")
-        data = [(oid, bytes(memoryview(_numpy(buf)).cast("B"))) for oid, buf in items]
-        if self.put_gate is not None:
+        if self.put_gate is not None:  # a slow write: reads the buffers late
             await self.put_gate.wait()
+        data = [(oid, bytes(memoryview(_numpy(buf)).cast("B"))) for oid, buf in items]
         for oid, raw in data:
             self.objects[oid] = raw
         return [True] * len(data)
