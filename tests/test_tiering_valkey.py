@@ -142,14 +142,13 @@ async def test_with_a_master_killed_both_daemons_keep_answering(
     with trio.fail_after(TIMEOUT):
         async with (
             node(fresh_cluster, prefix, A_ID) as (a, client_a, kv_a),
-            node(fresh_cluster, prefix, B_ID) as (b, client_b, kv_b),
+            node(fresh_cluster, prefix, B_ID) as (_, client_b, _),
         ):
             await store(client_a, kv_a, A_ID, ks[:6])
             await written(a, 6)
             tag = a.scheduler.instances()[0].layout.tag
-            dead = fresh_cluster.node_of(
-                f"{prefix}{{{object_id(neutral(ks[0]), tag, CHUNK_BYTES).name()}}}:m".encode()
-            )
+            name = object_id(neutral(ks[0]), tag, CHUNK_BYTES).name()
+            dead = fresh_cluster.node_of(f"{prefix}{{{name}}}:m".encode())
             dead.kill()
             slowest = []
             for k in ks[:6]:
