@@ -302,6 +302,7 @@ class Tiering:
     _below_hit: bool = attrs.field(default=False, init=False)
     _evictions_seen: int = attrs.field(default=0, init=False)
     _held: int = attrs.field(default=0, init=False)  # bytes pinned by copies down
+    _released: trio.Event = attrs.field(factory=trio.Event, init=False)
 
     def __attrs_post_init__(self) -> None:
         if not 0 < self.high_water <= 1:
@@ -783,6 +784,15 @@ class Tiering:
             del self._dirty[key]
             self._disk_c.dropped_writes += 1
 
+    def _release_held(self, nbytes: int) -> None:
+        self._held -= nbytes
+        self._released.set()
+
+    async def _wait_released(self) -> None:
+        if self._released.is_set():
+            self._released = trio.Event()
+        await self._released.wait()
+
     def _hold_budget(self) -> int:
         """Bytes background copies may hold (pin) at once: a quarter of the
         CPU buffer, so that stores always find evictable chunks."""
@@ -852,7 +862,7 @@ class Tiering:
         except TierError as e:
             log.warning("Demotion of %d chunks failed: %s", len(entries), e)
         finally:
-            self._held -= held
+            self._release_held(held)
             self._writing.difference_update(keys)
             storage.unhold(pin)
         for key, oid, size, ok in zip(keys, oids, sizes, results, strict=True):
@@ -906,55 +916,92 @@ class Tiering:
     # -- write-through to the remote tier -------------------------------------------
 
     async def _remote_loop(self, receive: trio.MemoryReceiveChannel[CacheKey]) -> None:
+        async with receive:
+            carry: CacheKey | None = None  # received, did not fit the last batch
+            while True:
+                if carry is None:
+                    try:
+                        first = await receive.receive()
+                    except trio.EndOfChannel:
+                        return
+                    self._remote_queued -= 1
+                else:
+                    first, carry = carry, None
+                entries, carry = await self._remote_batch(first, receive)
+                if entries:
+                    await self._remote_write(entries)
+
+    async def _remote_batch(
+        self, first: CacheKey, receive: trio.MemoryReceiveChannel[CacheKey]
+    ) -> tuple[list[Entry], CacheKey | None]:
+        """`first` and what else is queued, within the hold budget (waiting
+        for room: the queue meanwhile fills, and stores past it are dropped,
+        never waited for). Returns the entries and a key that did not fit."""
+        storage = self.storage
+        entry = storage.get(first)
+        while (
+            entry is not None
+            and self._held
+            and self._held + entry.nbytes > self._hold_budget()
+        ):
+            await self._wait_released()
+            entry = storage.get(first)
+        if entry is None:
+            self._remote_c.dropped_writes += 1  # evicted meanwhile
+            return [], None
+        entries = [entry]
+        room = self._hold_budget() - self._held - entry.nbytes
+        while len(entries) < REMOTE_BATCH:
+            try:
+                key = receive.receive_nowait()
+            except trio.WouldBlock:
+                break
+            self._remote_queued -= 1
+            e = storage.get(key)
+            if e is None:
+                self._remote_c.dropped_writes += 1
+            elif e.nbytes > room:
+                return entries, key
+            else:
+                entries.append(e)
+                room -= e.nbytes
+        return entries, None
+
+    async def _remote_write(self, entries: list[Entry]) -> None:
         remote = self.remote
         assert remote is not None
         storage = self.storage
-        async with receive:
-            async for first in receive:
-                keys = [first]
-                while len(keys) < REMOTE_BATCH:
-                    try:
-                        keys.append(receive.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                self._remote_queued -= len(keys)
-                room = self._hold_budget() - self._held
-                entries: list[Entry] = []
-                for k in keys:
-                    e = storage.get(k)
-                    if e is not None and (
-                        e.nbytes <= room or not (self._held or entries)
-                    ):
-                        entries.append(e)
-                        room -= e.nbytes
-                pin = storage.hold(entries)
-                self._remote_c.dropped_writes += len(keys) - len(pin.entries)
-                if not pin.entries:
-                    continue
-                held = sum(e.nbytes for e in pin.entries)
-                self._held += held
-                results = [False] * len(pin.entries)
-                try:
-                    items = [
-                        (object_id(e.key, e.layout, e.nbytes), _payload(storage, e))
-                        for e in pin.entries
-                    ]
-                    results = await remote.put(items)
-                except TierError as e:
-                    log.warning("Remote write failed: %s", e)
-                finally:
-                    self._held -= held
-                    storage.unhold(pin)
-                for entry, ok in zip(pin.entries, results, strict=True):
-                    if ok:
-                        self._remote_c.demotions += 1
-                        self._remote_c.demoted_bytes += entry.nbytes
-                    else:
-                        self._remote_c.demotion_failures += 1
+        pin = storage.hold(entries)
+        self._remote_c.dropped_writes += len(entries) - len(pin.entries)
+        if not pin.entries:
+            return
+        held = sum(e.nbytes for e in pin.entries)
+        self._held += held
+        results = [False] * len(pin.entries)
+        try:
+            items = [
+                (object_id(e.key, e.layout, e.nbytes), _payload(storage, e))
+                for e in pin.entries
+            ]
+            results = await remote.put(items)
+        except TierError as e:
+            log.warning("Remote write failed: %s", e)
+        finally:
+            self._release_held(held)
+            storage.unhold(pin)
+        for entry, ok in zip(pin.entries, results, strict=True):
+            if ok:
+                self._remote_c.demotions += 1
+                self._remote_c.demoted_bytes += entry.nbytes
+            else:
+                self._remote_c.demotion_failures += 1
 
     # -- health and statistics --------------------------------------------------------
 
     async def _health_loop(self) -> None:
+        # A remote tier makes its first contact in the background: give it
+        # a moment before the first verdict.
+        await trio.sleep(1.0)
         while True:
             for tier, health in (
                 (self.disk, self._disk_health),

@@ -322,6 +322,12 @@ def report(args: argparse.Namespace) -> str:
         "",
         f"Ratio: {cycle_ratio:.2f}x (target >= 2x: {check(cycle_ratio >= 2)}).",
         "",
+    ]
+    if args.tiers:
+        from lmcd.benchmarks import tiers
+
+        lines += [*tiers.run_section(tiers.Options(directory=args.tiers_dir)), ""]
+    lines += [
         "## GPU (CUDA IPC path)",
         "",
         "Measured on a GPU machine by `python3 scripts/gpu_checks.py --markdown",
@@ -348,6 +354,15 @@ def main() -> None:
         type=float,
         default=4.0,
         help="buffer of the data-plane daemon, filled once from fresh",
+    )
+    parser.add_argument(
+        "--tiers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the disk and remote tiers (lmcd.benchmarks.tiers)",
+    )
+    parser.add_argument(
+        "--tiers-dir", default=None, help="where their disk tiers go (a drive)"
     )
     parser.add_argument("--out", default="docs/performance.md")
     args = parser.parse_args()
