@@ -7,7 +7,9 @@ lmcd's tools need neither lmcache nor a GPU. It speaks the same frames:
 
 from __future__ import annotations
 
+import errno
 import itertools
+import socket
 from typing import Any
 
 import msgspec
@@ -24,7 +26,8 @@ class Unreachable(LmcdError):
 class Client:
     """A DEALER socket with blocking calls and a per-call timeout."""
 
-    def __init__(self, host: str = "localhost", port: int = 5555) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 5555) -> None:
+        self.host, self.port = host, port
         self.url = f"tcp://{host}:{port}"
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
@@ -32,6 +35,24 @@ class Client:
         self._sock.connect(self.url)
         self._uids = itertools.count()
         self._encoder = msgspec.msgpack.Encoder()
+
+    def check_listening(self, timeout: float = 2.0) -> None:
+        """Raise `Unreachable` at once when nothing listens at the address
+        (a ZeroMQ socket would retry silently until the call's timeout)."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=timeout):
+                pass
+        except ConnectionRefusedError:
+            raise Unreachable(
+                f"connection refused at {self.url}: is lmcd serving there?"
+            ) from None
+        except TimeoutError:
+            raise Unreachable(
+                f"no answer from {self.url} within {timeout:g} s"
+            ) from None
+        except OSError as e:
+            reason = e.strerror or errno.errorcode.get(e.errno or 0, str(e))
+            raise Unreachable(f"cannot reach {self.url}: {reason}") from None
 
     def send(self, rtype: RequestType, *payloads: Any) -> int:
         """Send a request without waiting; returns its uid."""

@@ -69,7 +69,7 @@ def test_table_output(server: Server) -> None:
 def test_no_daemon_is_a_one_line_error() -> None:
     result = bench("--port", str(free_port()), "--workload", "noop")
     assert result.returncode == 1
-    assert "no answer from lmcd" in result.stderr
+    assert "connection refused at tcp://127.0.0.1:" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
