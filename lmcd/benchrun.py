@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import time
 from typing import Any
 
 import attrs
@@ -22,7 +25,7 @@ from lmcd.bench import (
     prefill_lookup_keys,
 )
 from lmcd.client import Client
-from lmcd.errors import ConfigError
+from lmcd.errors import ConfigError, LmcdError
 from lmcd.spawn import spawned_daemon
 from lmcd.transfer.layouts import DTYPE_SIZES
 from lmcd.wire.lmcache03 import RequestType
@@ -121,6 +124,44 @@ def _run(
     url = f"tcp://{host}:{port}"
     err = Console(stderr=True)
     results: dict[str, Any] = {"target": url, "clients": opts.clients}
+    # Chunks of its own models only, dropped at the end (and, against a
+    # live daemon, after each data-plane round), so nothing is left behind.
+    model = f"lmcd-bench-{os.getpid()}-{time.time_ns()}"
+    try:
+        _workloads(opts, shape, names, host, port, model, results, fresh, err)
+    finally:
+        with Client(host, port) as client, contextlib.suppress(LmcdError):
+            # LmcdError: the daemon is gone, and with it what was stored.
+            client.check_listening(2.0)
+            for suffix in ("lookup", "data"):
+                client.drop(f"{model}-{suffix}", timeout=5.0)
+    out = {k: attrs.asdict(v) if attrs.has(type(v)) else v for k, v in results.items()}
+    for k in ("store", "retrieve"):
+        if k in out:
+            out[k]["ratio_to_memcpy"] = results[k].ratio
+    if isinstance(results.get("first_fill"), FirstFillResult):
+        out["first_fill"]["store"]["ratio_to_memcpy"] = results[
+            "first_fill"
+        ].store.ratio
+    if opts.json:
+        print(json.dumps(out, indent=2))
+    else:
+        _print_tables(results)
+    return out
+
+
+def _workloads(
+    opts: BenchOptions,
+    shape: ModelShape,
+    names: list[str],
+    host: str,
+    port: int,
+    model: str,
+    results: dict[str, Any],
+    fresh: bool,
+    err: Console,
+) -> None:
+    url = f"tcp://{host}:{port}"
     with Progress(console=err, transient=True, disable=opts.json) as progress:
         for name in names:
             task = progress.add_task(name, total=1.0)
@@ -138,9 +179,12 @@ def _run(
                     progress=advance,
                 )
             elif name == "lookup":
+                lookup_model = f"{model}-lookup"
                 if opts.hits:
-                    prefill_lookup_keys(host, port, opts.keys)
-                payloads = lookup_payloads(opts.keys, opts.hits)
+                    prefill_lookup_keys(host, port, opts.keys, model=lookup_model)
+                payloads = lookup_payloads(
+                    opts.keys, opts.hits, model=lookup_model, lock=False
+                )
                 results["lookup"] = closed_loop(
                     url,
                     RequestType.LOOKUP,
@@ -162,7 +206,7 @@ def _run(
                     )
                 else:
                     results["first_fill"] = {
-                        "skipped": "needs a fresh daemon (--spawn)"
+                        "skipped": "measured only on a private daemon (--spawn)"
                     }
                 store, retrieve = data_plane(
                     host,
@@ -172,24 +216,13 @@ def _run(
                     rounds=opts.rounds,
                     warmup=opts.warmup,
                     progress=advance,
+                    model=f"{model}-data",
+                    drop_each_round=not fresh,
                 )
                 results["store"], results["retrieve"] = store, retrieve
             elif name == "cuda":
                 results["cuda"] = _cuda(opts)
             progress.update(task, completed=1.0)
-    out = {k: attrs.asdict(v) if attrs.has(type(v)) else v for k, v in results.items()}
-    for k in ("store", "retrieve"):
-        if k in out:
-            out[k]["ratio_to_memcpy"] = results[k].ratio
-    if isinstance(results.get("first_fill"), FirstFillResult):
-        out["first_fill"]["store"]["ratio_to_memcpy"] = results[
-            "first_fill"
-        ].store.ratio
-    if opts.json:
-        print(json.dumps(out, indent=2))
-    else:
-        _print_tables(results)
-    return out
 
 
 def _cuda(opts: BenchOptions) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -255,15 +255,99 @@ def inspect(
             pass
 
 
+def _connect(host: str, port: int, timeout: float) -> Any:
+    """A `Client` of a daemon that answers, or exit 2 (bad flag) / 1."""
+    from lmcd.client import Client
+    from lmcd.config import MAX_SECONDS, check_number, check_target
+
+    try:
+        check_target(host, port)
+        check_number("--timeout", timeout, 0, MAX_SECONDS, "seconds")
+    except ConfigError as e:
+        raise _fail(str(e), 2) from None
+    client = Client(host, port)
+    try:
+        client.check_listening(timeout)
+        client.stats(timeout)
+    except LmcdError as e:
+        client.close()
+        raise _fail(str(e), 1) from None
+    return client
+
+
+@app.command()
+def clear(
+    host: Annotated[str, typer.Option(help="The daemon's address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The daemon's port.")] = 5555,
+    model: Annotated[
+        str | None, typer.Option(help="Drop only this model's chunks.")
+    ] = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for an answer.")
+    ] = 10.0,
+) -> None:
+    """Drop every cached chunk (or one model's) that no request is using."""
+    client = _connect(host, port, timeout)
+    with client:
+        what = "every chunk" if model is None else f"every chunk of {model!r}"
+        if not yes:
+            if not sys.stdin.isatty():
+                raise _fail("clear: pass --yes to confirm when not on a terminal", 2)
+            if not typer.confirm(f"Drop {what} in lmcd at {client.url}?"):
+                raise _fail("clear: not confirmed, nothing dropped", 1)
+        try:
+            dropped = client.drop(model, timeout)
+        except LmcdError as e:
+            raise _fail(str(e), 1) from None
+        typer.echo(f"dropped {dropped} chunks from lmcd at {client.url}")
+
+
+@app.command("reset-stats")
+def reset_stats(
+    host: Annotated[str, typer.Option(help="The daemon's address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The daemon's port.")] = 5555,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for an answer.")
+    ] = 10.0,
+) -> None:
+    """Zero the daemon's statistics counters (gauges such as chunks stay)."""
+    client = _connect(host, port, timeout)
+    with client:
+        try:
+            client.reset_stats(timeout)
+        except LmcdError as e:
+            raise _fail(str(e), 1) from None
+        typer.echo(f"statistics counters of lmcd at {client.url} reset")
+
+
 WORKLOADS = ("noop", "lookup", "store", "retrieve", "cuda", "all")
 
 
 @app.command()
 def bench(
-    host: Annotated[str, typer.Option(help="The daemon's address.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="The daemon's port.")] = 5555,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            help="Measure the live daemon at this address (default: a private "
+            "daemon, see --spawn)."
+        ),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            help="Measure the live daemon on this port (127.0.0.1 unless --host)."
+        ),
+    ] = None,
     spawn: Annotated[
-        bool, typer.Option("--spawn", help="Start a daemon of its own on a free port.")
+        bool,
+        typer.Option(
+            "--spawn",
+            help="Measure a private daemon started on a free loopback port "
+            "(the default unless --host or --port is given).",
+        ),
     ] = False,
     workload: Annotated[str, typer.Option(help=", ".join(WORKLOADS))] = "all",
     clients: Annotated[int, typer.Option(help="Concurrent clients.")] = 4,
@@ -285,10 +369,16 @@ def bench(
     warmup: Annotated[int, typer.Option(help="Untimed STORE/RETRIEVE rounds.")] = 2,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Measure a daemon: requests/s and latency, GB/s (like redis-benchmark)."""
+    """Measure a daemon: requests/s and latency, GB/s (like redis-benchmark).
+
+    By default a private daemon; a live one (--host/--port) is measured
+    without locking its chunks or leaving data behind."""
     from lmcd.benchrun import BenchOptions, run_bench
     from lmcd.config import check_target
 
+    live = host is not None or port is not None
+    if spawn and live:
+        raise _fail("--spawn measures a private daemon: drop --host/--port", 2)
     try:
         _check_bench_flags(
             workload=workload,
@@ -304,14 +394,16 @@ def bench(
             rounds=rounds,
             warmup=warmup,
         )
-        if not spawn:
+        host = "127.0.0.1" if host is None else host
+        port = 5555 if port is None else port
+        if live:
             check_target(host, port)
     except ConfigError as e:
         raise _fail(str(e), 2) from None
     options = BenchOptions(
         host=host,
         port=port,
-        spawn=spawn,
+        spawn=not live,
         workload=workload,
         clients=clients,
         duration=duration,

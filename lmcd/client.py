@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import itertools
 import socket
+import time
 from typing import Any
 
 import msgspec
@@ -17,6 +18,10 @@ import zmq
 
 from lmcd.errors import LmcdError
 from lmcd.wire.lmcache03 import RequestType
+
+# While waiting longer than this for a reply, check this often that the
+# daemon still listens.
+LIVENESS_S = 1.0
 
 
 class Unreachable(LmcdError):
@@ -64,9 +69,22 @@ class Client:
         return uid
 
     def receive(self, timeout: float) -> tuple[int, Any]:
-        """The next reply as `(uid, value)`; raises `Unreachable` on timeout."""
-        if not self._sock.poll(int(timeout * 1000)):
-            raise Unreachable(f"no answer from lmcd at {self.url} within {timeout:g} s")
+        """The next reply as `(uid, value)`; raises `Unreachable` on timeout,
+        or within about `LIVENESS_S` seconds once nothing listens at the
+        address any more (a daemon that died while a long request ran)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if self._sock.poll(int(max(0.0, min(left, LIVENESS_S)) * 1000)):
+                break
+            if left <= LIVENESS_S:
+                raise Unreachable(
+                    f"no answer from lmcd at {self.url} within {timeout:g} s"
+                )
+            try:
+                self.check_listening(LIVENESS_S)
+            except Unreachable as e:
+                raise Unreachable(f"lmcd stopped answering: {e}") from None
         frames = self._sock.recv_multipart()
         uid = msgspec.msgpack.decode(frames[0])
         value = msgspec.msgpack.decode(frames[2]) if len(frames) > 2 else None
@@ -85,6 +103,19 @@ class Client:
         if not isinstance(value, dict):
             raise LmcdError(f"{self.url} answered STATS with {type(value).__name__}")
         return value
+
+    def drop(self, model: str | None = None, timeout: float = 10.0) -> int:
+        """DROP (lmcd's extension): drop every chunk not in use, or only
+        `model`'s; returns how many were dropped."""
+        value = self.call(RequestType.DROP, model, timeout=timeout)
+        if not isinstance(value, int) or value < 0:
+            raise LmcdError(f"{self.url} refused DROP")
+        return value
+
+    def reset_stats(self, timeout: float = 10.0) -> None:
+        """RESET_STATS (lmcd's extension): zero the daemon's counters."""
+        if self.call(RequestType.RESET_STATS, timeout=timeout) is not True:
+            raise LmcdError(f"{self.url} refused RESET_STATS")
 
     def close(self) -> None:
         self._sock.close(linger=0)

@@ -189,3 +189,42 @@ def test_disable_lazy_alloc_takes_the_whole_buffer_at_start(
     assert stats["allocated_bytes"] == stats["capacity_bytes"] == capacity
     assert stats["segments"] == 4
     assert stats["used_bytes"] == 0
+
+
+def test_clear_drops_chunks_and_reset_stats_zeroes_counters(
+    server_factory: list[Server],
+) -> None:
+    from lmcd.bench import prefill_lookup_keys
+    from lmcd.client import Client
+    from lmcd.wire.lmcache03 import RequestType
+
+    s = start_server("--cpu-buffer-size", "0.05", "--segment-mb", "16")
+    server_factory.append(s)
+    prefill_lookup_keys("127.0.0.1", s.port, 3, model="a")
+    prefill_lookup_keys("127.0.0.1", s.port, 2, model="b")
+    port = str(s.port)
+    # Not on a terminal and no --yes: refused, nothing dropped.
+    refused = run_lmcd("clear", "--port", port)
+    assert refused.returncode == 2
+    assert "--yes" in refused.stderr
+    one = run_lmcd("clear", "--port", port, "--model", "a", "--yes")
+    assert one.returncode == 0, one.stderr
+    assert "dropped 3 chunks" in one.stdout
+    with Client("127.0.0.1", s.port) as client:
+        stats = client.stats()
+        assert set(stats["models"]) == {"b"}
+        # A locked chunk is in use: DROP leaves it.
+        hit = {"model_name": "b", "world_size": 1, "worker_id": 0}
+        client.call(RequestType.LOOKUP, [{**hit, "chunk_hash": b"hit\0\0\0\0"}], True)
+    every = run_lmcd("clear", "--port", port, "-y")
+    assert every.returncode == 0, every.stderr
+    assert "dropped 1 chunks" in every.stdout
+    assert stats["stores"] == 5
+    reset = run_lmcd("reset-stats", "--port", port)
+    assert reset.returncode == 0, reset.stderr
+    with Client("127.0.0.1", s.port) as client:
+        after = client.stats()
+    assert after["stores"] == after["lookups"] == after["cleared_chunks"] == 0
+    assert after["requests"] <= 2  # at most the STATS just asked
+    assert after["chunks"] == 1  # gauges stay
+    assert after["locked_chunks"] == 1
