@@ -137,7 +137,7 @@ def test_inspect_check_and_unreachable(busy: tuple[Server, int]) -> None:
     assert down.returncode == 1
     assert time.monotonic() - started < 10
     assert len(down.stderr.strip().splitlines()) == 1
-    assert "no answer from lmcd" in down.stderr
+    assert "connection refused at tcp://127.0.0.1:" in down.stderr
 
 
 def test_inspect_watch_shows_rates() -> None:
@@ -202,6 +202,9 @@ def test_metrics_agree_with_stats(busy: tuple[Server, int]) -> None:
         assert families[f"lmcd_{name}"].samples[0].value == stats[name]
     for name in ("chunks", "used_bytes", "capacity_bytes"):
         assert families[f"lmcd_{name}"].samples[0].value == stats[name]
+    # Prometheus unit naming: seconds spelled out.
+    assert families["lmcd_uptime_seconds"].samples[0].value > 0
+    assert not any(name.endswith("_s") for name in families)
     per_model = {
         x.labels["model"]: x.value for x in families["lmcd_model_chunks"].samples
     }
