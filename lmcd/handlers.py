@@ -359,13 +359,16 @@ class Handlers:
         ]
         self.storage.release(keys, span.readers)
 
-    def _span_store(self, request: StoreSpan) -> Store:
-        """The chunk-addressed STORE of a token-addressed one: its chunks'
-        keys and block ids, chunks made only of null blocks left out."""
+    def _span_chunks(
+        self, request: StoreSpan | RetrieveSpan
+    ) -> tuple[list[TokenKey], tuple[int, ...], int]:
+        """The keys of a token-addressed copy's chunks, its block ids and
+        the blocks per chunk; raises `TransferError` for a span without a
+        rank or too few block ids."""
         instance = self.scheduler.instance(request.instance_id)
         span = request.span
         if span.worker_id is None:
-            raise TransferError("store keys must name a worker (rank)")
+            raise TransferError("store and retrieve keys must name a worker (rank)")
         keys = self.sessions.keys(span)
         ids = _single_group(request.block_ids)
         per = instance.blocks_per_chunk
@@ -373,6 +376,12 @@ class Handlers:
             raise TransferError(
                 f"{len(ids)} block ids for {len(keys)} chunks of {per} blocks"
             )
+        return keys, ids, per
+
+    def _span_store(self, request: StoreSpan) -> Store:
+        """The chunk-addressed STORE of a token-addressed one: its chunks'
+        keys and block ids, chunks made only of null blocks left out."""
+        keys, ids, per = self._span_chunks(request)
         kept: list[TokenKey] = []
         blocks: list[int] = []
         for i, key in enumerate(keys):
@@ -384,17 +393,7 @@ class Handlers:
 
     def _span_retrieve(self, request: RetrieveSpan) -> Retrieve:
         """The chunk-addressed RETRIEVE of a token-addressed one."""
-        instance = self.scheduler.instance(request.instance_id)
-        span = request.span
-        if span.worker_id is None:
-            raise TransferError("retrieve keys must name a worker (rank)")
-        keys = self.sessions.keys(span)
-        ids = _single_group(request.block_ids)
-        per = instance.blocks_per_chunk
-        if len(ids) < len(keys) * per:
-            raise TransferError(
-                f"{len(ids)} block ids for {len(keys)} chunks of {per} blocks"
-            )
+        keys, ids, per = self._span_chunks(request)
         return Retrieve(
             tuple(keys),
             request.instance_id,
