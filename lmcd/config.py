@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import os
+import socket
+
 import attrs
 
 from lmcd.errors import ConfigError
@@ -11,6 +15,11 @@ from lmcd_backends.pinned_cpu import DEFAULT_LEAD_BYTES, DEFAULT_SEGMENT_BYTES
 
 GiB = 1 << 30
 MiB = 1 << 20
+# Upper bounds that keep every size an ordinary int (`inf` or 1e300 GiB
+# would overflow) while allowing any real machine.
+MAX_BUFFER_GIB = 1 << 20
+MAX_MB = 1 << 30
+MAX_SECONDS = 366 * 24 * 3600.0
 
 
 @attrs.frozen
@@ -43,36 +52,24 @@ class Config:
     port_file: str | None = None
 
     def __attrs_post_init__(self) -> None:
-        if self.chunk_size <= 0:
-            raise ConfigError(f"--chunk-size must be > 0 (got {self.chunk_size})")
-        if not self.cpu_buffer_size > 0:
-            raise ConfigError(
-                f"--cpu-buffer-size must be > 0 (got {self.cpu_buffer_size})"
-            )
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"--port must be in 0..65535 (got {self.port})")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ConfigError(
-                f"--metrics-port must be in 0..65535 (got {self.metrics_port})"
-            )
-        if self.max_workers < 1:
-            raise ConfigError(f"--max-workers must be >= 1 (got {self.max_workers})")
-        if not self.lock_ttl > 0:
-            raise ConfigError(f"--lock-ttl must be > 0 (got {self.lock_ttl})")
-        if self.staging_mb < 1 or self.segment_mb < 1:
-            raise ConfigError("--staging-mb and --segment-mb must be >= 1")
-        if self.prepare_ahead_mb < 0:
-            raise ConfigError(
-                f"--prepare-ahead-mb must be >= 0 (got {self.prepare_ahead_mb})"
-            )
-        if not 0 < self.worker_timeout < float("inf"):
-            raise ConfigError(
-                f"--worker-timeout must be > 0 seconds (got {self.worker_timeout})"
-            )
-        if not 0 <= self.pool_mb <= 1 << 20:
-            raise ConfigError(
-                f"--pool-size must be 0..{1 << 20} MiB (got {self.pool_mb})"
-            )
+        check_int("--chunk-size", self.chunk_size, 1, 1 << 20)
+        check_number(
+            "--cpu-buffer-size", self.cpu_buffer_size, 0, MAX_BUFFER_GIB, "GiB"
+        )
+        check_int("--port", self.port, 0, 65535)
+        if self.metrics_port is not None:
+            check_int("--metrics-port", self.metrics_port, 0, 65535)
+            if self.metrics_port == self.port != 0:
+                raise ConfigError(
+                    f"--metrics-port must differ from --port (both {self.port})"
+                )
+        check_int("--max-workers", self.max_workers, 1, 1024)
+        check_number("--lock-ttl", self.lock_ttl, 0, MAX_SECONDS, "seconds")
+        check_int("--staging-mb", self.staging_mb, 1, MAX_MB)
+        check_int("--segment-mb", self.segment_mb, 1, MAX_MB)
+        check_int("--prepare-ahead-mb", self.prepare_ahead_mb, 0, MAX_MB)
+        check_number("--worker-timeout", self.worker_timeout, 0, MAX_SECONDS, "seconds")
+        check_int("--pool-size", self.pool_mb, 0, 1 << 20)
         dialects_for(self.dialect)  # raises ConfigError for an unknown name
         if self.buffer_bytes < 4096:
             raise ConfigError("--cpu-buffer-size is smaller than one 4 KiB page")
@@ -80,6 +77,11 @@ class Config:
             not self.shm_owners or any(not 0 <= u < 1 << 32 for u in self.shm_owners)
         ):
             raise ConfigError("--shm-owners must name at least one uid in 0..2^32-1")
+        check_bind_host(self.host)
+        if self.port_file is not None:
+            parent = os.path.dirname(os.path.abspath(self.port_file))
+            if not os.path.isdir(parent):
+                raise ConfigError(f"--port-file: no directory {parent!r}")
 
     @property
     def buffer_bytes(self) -> int:
@@ -117,3 +119,49 @@ def parse_uids(text: str) -> frozenset[int]:
             )
         uids.add(int(part))
     return frozenset(uids)
+
+
+def check_int(flag: str, value: int, low: int, high: int) -> None:
+    """Raise `ConfigError` naming `flag` unless `low <= value <= high`."""
+    if not low <= value <= high:
+        raise ConfigError(f"{flag} must be in {low}..{high} (got {value})")
+
+
+def check_number(flag: str, value: float, above: float, high: float, unit: str) -> None:
+    """Raise `ConfigError` naming `flag` unless `above < value <= high`
+    (which also refuses nan and infinities)."""
+    if not (above < value <= high and math.isfinite(value)):
+        raise ConfigError(
+            f"{flag} must be > {_num(above)} and at most {_num(high)} {unit} "
+            f"(got {value})"
+        )
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if x == int(x) else f"{x:g}"
+
+
+def check_bind_host(host: str) -> None:
+    """`serve --host`: `*`, a local interface's name, or an address or name
+    that resolves; raises `ConfigError` otherwise (ZeroMQ would say only
+    "No such device")."""
+    if host == "*" or host in {name for _, name in socket.if_nameindex()}:
+        return
+    check_host("--host", host)
+
+
+def check_host(flag: str, host: str) -> None:
+    """Raise `ConfigError` unless `host` resolves to an address."""
+    if not host:
+        raise ConfigError(f"{flag} must not be empty")
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(f"{flag} {host!r} does not resolve ({reason})") from None
+
+
+def check_target(host: str, port: int) -> None:
+    """`--host`/`--port` of a client command (inspect, bench, clear)."""
+    check_host("--host", host)
+    check_int("--port", port, 1, 65535)

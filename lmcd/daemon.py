@@ -128,6 +128,7 @@ class Daemon:
         ls = self.listener.statistics()
         return {
             "pinned_memory": tier.pinned,
+            "segment_bytes": self.config.segment_bytes,
             "preparing_bytes": tier.preparing_bytes,
             "buffer_outruns": tier.outruns,
             "buffer_prepare_failures": tier.prepare_failures,

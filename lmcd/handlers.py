@@ -34,6 +34,7 @@ from lmcd.wire.types import (
     Clear,
     CommitRetrieve,
     CommitStore,
+    DropChunks,
     EndSession,
     FreeLookupLocks,
     GetChunkSize,
@@ -47,6 +48,7 @@ from lmcd.wire.types import (
     RegisterPool,
     ReportBlockAllocation,
     Request,
+    ResetStats,
     Retrieve,
     RetrieveSpan,
     StartLookup,
@@ -264,6 +266,16 @@ class Handlers:
             return None
         if isinstance(request, Stats):
             return self.stats()
+        if isinstance(request, DropChunks):
+            dropped = self.storage.clear(force=False, model=request.model)
+            which = "" if request.model is None else f" of model {request.model!r}"
+            log.info("Dropped %d chunks%s (DROP)", dropped, which)
+            return dropped
+        if isinstance(request, ResetStats):
+            self.storage.reset_counters()
+            self.counters = Counters()
+            log.info("Statistics counters reset (RESET_STATS)")
+            return True
         if isinstance(request, StartLookup):
             self._start_lookup(request.span)
             return None

@@ -69,8 +69,10 @@ class Copier(Protocol):
         chunks: Chunks,
         chunk_tokens: int,
         limiter: trio.CapacityLimiter,
+        skip: Sequence[int] = (),
     ) -> Completion:
-        """Copy each chunk's buffer into its blocks of `kv`."""
+        """Copy each chunk's buffer into its blocks of `kv`; `skip[i]` (when
+        given) is chunk i's first token to write."""
         ...
 
 
@@ -97,8 +99,9 @@ class HostCopier:
         chunks: Chunks,
         chunk_tokens: int,
         limiter: trio.CapacityLimiter,
+        skip: Sequence[int] = (),
     ) -> Completion:
-        await trio.to_thread.run_sync(host.scatter, kv, chunks, limiter=limiter)
+        await trio.to_thread.run_sync(host.scatter, kv, chunks, skip, limiter=limiter)
         return Finished()
 
 
@@ -126,9 +129,16 @@ class CudaCopier:
         chunks: Chunks,
         chunk_tokens: int,
         limiter: trio.CapacityLimiter,
+        skip: Sequence[int] = (),
     ) -> Completion:
         return await trio.to_thread.run_sync(
-            cuda.retrieve, kv, event_handle, chunks, chunk_tokens, limiter=limiter
+            cuda.retrieve,
+            kv,
+            event_handle,
+            chunks,
+            chunk_tokens,
+            skip,
+            limiter=limiter,
         )
 
 
@@ -217,6 +227,10 @@ class RetrieveJob:
     pin: Pin
     chunks: list[tuple[Sequence[int], Any]]
     started: float
+    # The first token to write of each chunk in `chunks` (empty: all of
+    # them): the request's skipped tokens. Pinned chunks that are skipped
+    # whole are not in `chunks` but count as retrieved.
+    skip: list[int] = attrs.field(factory=list)
 
 
 @attrs.define(slots=True)
@@ -549,18 +563,26 @@ class TransferScheduler:
         pin = self.storage.pin(
             request.keys, layout.chunk_bytes(self.chunk_size), layout.tag
         )
+        size = self.chunk_size
+        skip = request.skip_tokens
         try:
             chunks = [
-                (plan[i], self.storage.buffer(e)) for i, e in enumerate(pin.entries)
+                (plan[i], self.storage.buffer(e))
+                for i, e in enumerate(pin.entries)
+                if skip < (i + 1) * size
             ]
         except BaseException as e:
             self.storage.unpin(pin, completed=False)
             if isinstance(e, MemoryError | OSError | LookupError):
                 raise TransferError(f"retrieve refused: {e}") from e
             raise
-        if chunks:
+        firsts: list[int] = []
+        if skip:
+            whole = len(pin.entries) - len(chunks)
+            firsts = [max(0, skip - i * size) for i in range(whole, len(pin.entries))]
+        if pin.entries:
             self._begin(instance)
-        return RetrieveJob(instance, request, pin, chunks, started)
+        return RetrieveJob(instance, request, pin, chunks, started, firsts)
 
     async def run_retrieve(self, job: RetrieveJob) -> CopyResult:
         """Copy an admitted RETRIEVE's chunks into their blocks, then unpin;
@@ -569,8 +591,12 @@ class TransferScheduler:
         Raises `TransferError` when the copy fails.
         """
         instance, request, pin = job.instance, job.request, job.pin
-        n = len(job.chunks)
-        if not n:
+        n = len(pin.entries)
+        if not job.chunks:
+            # Nothing to write (no chunk found, or every found one skipped).
+            if n:
+                self.storage.unpin(pin, completed=True)
+                self._end(instance)
             return CopyResult(n == len(request.keys), None, n)
 
         def finish(completed: bool) -> None:
@@ -585,6 +611,7 @@ class TransferScheduler:
             job.chunks,
             self.chunk_size,
             self._limiter,
+            job.skip,
         )
         handle = await self._copy(instance, "retrieve", issue, finish)
         return CopyResult(n == len(request.keys), handle, n)

@@ -25,7 +25,7 @@ import attrs
 from lmcd.errors import RegistrationError
 from lmcd.transfer.completion import EventCompletion
 from lmcd.transfer.host import torch_dtype
-from lmcd.transfer.layouts import KVLayout
+from lmcd.transfer.layouts import KVLayout, written_blocks
 from lmcd.wire.types import CudaTensorRef
 
 log = logging.getLogger(__name__)
@@ -219,9 +219,11 @@ def retrieve(
     event_handle: bytes,
     chunks: Sequence[tuple[Sequence[int], Any]],
     chunk_tokens: int,
+    skip: Sequence[int] = (),
 ) -> EventCompletion:
     """Issue pinned -> GPU copies of `chunks` and the scatter into their
-    blocks; returns the completion, as `store` does."""
+    blocks; returns the completion, as `store` does. `skip[i]` (when given)
+    is chunk i's first token to write: the engine holds the ones before."""
     import torch
 
     layout = kv.layout
@@ -245,17 +247,42 @@ def retrieve(
                 ready = torch.cuda.Event()
                 ready.record(kv.copy_stream)
             kv.gather_stream.wait_event(ready)
-            ids = [b for i in batch for b in chunks[i][0]]
-            tokens = len(ids) * layout.block_size
+            rows = len(batch) * chunk_tokens // layout.block_size
+            ids: list[int] = []
+            src_at: list[int] = []
+            partial: list[tuple[int, int, int]] = []
+            for j, i in enumerate(batch):
+                base = j * chunk_tokens // layout.block_size
+                first = skip[i] if skip else 0
+                for p, block, row0 in written_blocks(
+                    chunks[i][0], layout.block_size, first
+                ):
+                    if row0:
+                        partial.append((base + p, block, row0 * layout.hidden))
+                    else:
+                        ids.append(block)
+                        src_at.append(base + p)
+            whole = src_at == list(range(rows))
             with torch.cuda.stream(kv.gather_stream):
                 index = torch.tensor(ids, dtype=torch.long).to(kv.device)
                 keep.append(index)
+                if not whole:
+                    src_index = torch.tensor(src_at, dtype=torch.long).to(kv.device)
+                    keep.append(src_index)
                 for layer, dest in enumerate(kv.layers):
                     for plane in range(layout.planes):
-                        src_rows = buf[plane, layer, :tokens].view(
-                            len(ids), layout.block_row
+                        src_rows = buf[plane, layer, : rows * layout.block_size].view(
+                            rows, layout.block_row
                         )
-                        dest[plane].index_copy_(0, index, src_rows)
+                        if ids:
+                            dest[plane].index_copy_(
+                                0,
+                                index,
+                                src_rows if whole else src_rows[src_index],
+                            )
+                        # A block cut by the skip: only its later tokens.
+                        for row, block, at in partial:
+                            dest[plane][block, at:].copy_(src_rows[row, at:])
                 freed = torch.cuda.Event()
                 freed.record(kv.gather_stream)
             kv.set_free(k % 2, freed)
