@@ -251,6 +251,10 @@ def _bench_kv(
             head_size=shape.head_size,
             dtype=shape.dtype,
             name="bench",
+            # One file per layer, as lmcache 0.5's cpu_shm workers share
+            # theirs: the kernel serializes writes into one file, so this
+            # is what lets a retrieve write layers in parallel.
+            file_per_layer=True,
         )
         try:
             for layer in kv.layers:
