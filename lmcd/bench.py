@@ -25,6 +25,7 @@ import attrs
 import msgspec
 import zmq
 
+from lmcd.errors import LmcdError
 from lmcd.wire.lmcache03 import RequestType
 
 _enc = msgspec.msgpack.encode
@@ -83,10 +84,15 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 
 
 def lookup_payloads(
-    n_keys: int, hits: bool, model: str = "bench", worker: int | None = 0
+    n_keys: int,
+    hits: bool,
+    model: str = "bench",
+    worker: int | None = 0,
+    lock: bool = True,
 ) -> list[bytes]:
     """LOOKUP payload frames for `n_keys` keys of rank `worker` (None: every
-    rank), stored by `prefill_lookup_keys` when `hits`."""
+    rank), stored by `prefill_lookup_keys` when `hits`; `lock=False` leaves
+    no lock behind (as `lmcd bench` does against a live daemon)."""
     prefix = b"hit" if hits else b"miss"
     keys = [
         {
@@ -97,7 +103,7 @@ def lookup_payloads(
         }
         for i in range(n_keys)
     ]
-    return [_enc(keys), _enc(True)]
+    return [_enc(keys), _enc(lock)]
 
 
 def closed_loop(
@@ -213,10 +219,10 @@ class _BenchKV:
     nbytes: int  # per request
     chunks_per_request: int
 
-    def keys(self, tag: str, r: int) -> list[dict[str, Any]]:
+    def keys(self, model: str, r: int) -> list[dict[str, Any]]:
         return [
             {
-                "model_name": f"bench-{tag}",
+                "model_name": model,
                 "world_size": 1,
                 "worker_id": 0,
                 "chunk_hash": r.to_bytes(4, "big") + i.to_bytes(4, "big"),
@@ -245,6 +251,10 @@ def _bench_kv(
             head_size=shape.head_size,
             dtype=shape.dtype,
             name="bench",
+            # One file per layer, as lmcache 0.5's cpu_shm workers share
+            # theirs: the kernel serializes writes into one file, so this
+            # is what lets a retrieve write layers in parallel.
+            file_per_layer=True,
         )
         try:
             for layer in kv.layers:
@@ -273,34 +283,41 @@ def data_plane(
     rounds: int = 6,
     warmup: int = 1,
     progress: Progress | None = None,
+    model: str | None = None,
+    drop_each_round: bool = False,
 ) -> tuple[ThroughputResult, ThroughputResult]:
     """Time host-path STORE then RETRIEVE of `chunks_per_request` chunks per
     request over `rounds` requests each, after `warmup` untimed rounds (set
     it to cover the daemon's buffer once, so that the first fill, measured
-    by `first_fill`, is not timed here)."""
+    by `first_fill`, is not timed here). Keys belong to `model` (default: a
+    new name). `drop_each_round`: DROP that model's chunks after each round
+    (untimed), so that no more than one request's worth is ever held and a
+    live daemon's own chunks are never evicted."""
     event = b"\0" * 64
     store_t, retrieve_t = [], []
     total = rounds + warmup
-    tag = str(time.time_ns())
+    model = f"bench-{time.time_ns()}" if model is None else model
     with _bench_kv(host, port, shape, chunks_per_request) as b:
         client, instance, nbytes = b.client, b.instance, b.nbytes
         for r in range(total):
-            keys = b.keys(tag, r)
+            keys = b.keys(model, r)
             t0 = time.perf_counter()
             _, ok = client.call(
                 RequestType.STORE, keys, instance, b.src, event, timeout=120
             )
             t1 = time.perf_counter()
             if not ok:
-                raise RuntimeError("STORE refused chunks: is the buffer too small?")
-            client.call(RequestType.LOOKUP, keys, True)
+                raise LmcdError("STORE refused chunks: is the buffer too small?")
+            client.call(RequestType.LOOKUP, keys, False)
             t2 = time.perf_counter()
             _, found = client.call(
                 RequestType.RETRIEVE, keys, instance, b.dst, event, timeout=120
             )
             t3 = time.perf_counter()
             if found != [True] * chunks_per_request:
-                raise RuntimeError("RETRIEVE missed chunks it had just stored")
+                raise LmcdError("RETRIEVE missed chunks it had just stored")
+            if drop_each_round:
+                client.drop(model)
             if r >= warmup:
                 store_t.append(t1 - t0)
                 retrieve_t.append(t3 - t2)
@@ -453,7 +470,7 @@ def first_fill(
     event = b"\0" * 64
     times: list[float] = []
     refused = 0
-    tag = "fill-" + str(time.time_ns())
+    tag = "bench-fill-" + str(time.time_ns())
     with Client(host, port) as stats_client:
         before = stats_client.stats(10)
     with _bench_kv(host, port, shape, chunks_per_request) as b:

@@ -200,6 +200,7 @@ class Daemon:
         return {
             "tiers": {} if self.tiers is None else self.tiers.statistics(),
             "pinned_memory": tier.pinned,
+            "segment_bytes": self.config.segment_bytes,
             "preparing_bytes": tier.preparing_bytes,
             "buffer_outruns": tier.outruns,
             "buffer_prepare_failures": tier.prepare_failures,

@@ -36,6 +36,7 @@ from lmcd.wire.types import (
     Clear,
     CommitRetrieve,
     CommitStore,
+    DropChunks,
     EndSession,
     FreeLookupLocks,
     GetChunkSize,
@@ -49,6 +50,7 @@ from lmcd.wire.types import (
     RegisterPool,
     ReportBlockAllocation,
     Request,
+    ResetStats,
     Retrieve,
     RetrieveSpan,
     StartLookup,
@@ -307,6 +309,16 @@ class Handlers:
             return None
         if isinstance(request, Stats):
             return self.stats()
+        if isinstance(request, DropChunks):
+            dropped = self.storage.clear(force=False, model=request.model)
+            which = "" if request.model is None else f" of model {request.model!r}"
+            log.info("Dropped %d chunks%s (DROP)", dropped, which)
+            return dropped
+        if isinstance(request, ResetStats):
+            self.storage.reset_counters()
+            self.counters = Counters()
+            log.info("Statistics counters reset (RESET_STATS)")
+            return True
         if isinstance(request, StartLookup):
             self._start_lookup(request.span)
             return None
@@ -457,13 +469,16 @@ class Handlers:
         ]
         self.storage.release(keys, span.readers)
 
-    def _span_store(self, request: StoreSpan) -> Store:
-        """The chunk-addressed STORE of a token-addressed one: its chunks'
-        keys and block ids, chunks made only of null blocks left out."""
+    def _span_chunks(
+        self, request: StoreSpan | RetrieveSpan
+    ) -> tuple[list[TokenKey], tuple[int, ...], int]:
+        """The keys of a token-addressed copy's chunks, its block ids and
+        the blocks per chunk; raises `TransferError` for a span without a
+        rank or too few block ids."""
         instance = self.scheduler.instance(request.instance_id)
         span = request.span
         if span.worker_id is None:
-            raise TransferError("store keys must name a worker (rank)")
+            raise TransferError("store and retrieve keys must name a worker (rank)")
         keys = self.sessions.keys(span)
         ids = _single_group(request.block_ids)
         per = instance.blocks_per_chunk
@@ -471,6 +486,12 @@ class Handlers:
             raise TransferError(
                 f"{len(ids)} block ids for {len(keys)} chunks of {per} blocks"
             )
+        return keys, ids, per
+
+    def _span_store(self, request: StoreSpan) -> Store:
+        """The chunk-addressed STORE of a token-addressed one: its chunks'
+        keys and block ids, chunks made only of null blocks left out."""
+        keys, ids, per = self._span_chunks(request)
         kept: list[TokenKey] = []
         blocks: list[int] = []
         for i, key in enumerate(keys):
@@ -482,17 +503,7 @@ class Handlers:
 
     def _span_retrieve(self, request: RetrieveSpan) -> Retrieve:
         """The chunk-addressed RETRIEVE of a token-addressed one."""
-        instance = self.scheduler.instance(request.instance_id)
-        span = request.span
-        if span.worker_id is None:
-            raise TransferError("retrieve keys must name a worker (rank)")
-        keys = self.sessions.keys(span)
-        ids = _single_group(request.block_ids)
-        per = instance.blocks_per_chunk
-        if len(ids) < len(keys) * per:
-            raise TransferError(
-                f"{len(ids)} block ids for {len(keys)} chunks of {per} blocks"
-            )
+        keys, ids, per = self._span_chunks(request)
         return Retrieve(
             tuple(keys),
             request.instance_id,

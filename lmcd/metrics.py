@@ -59,6 +59,8 @@ GAUGES = {
     "pending_replies": "Replies queued for clients that do not read them",
     "parked_clients": "Clients whose replies are queued",
 }
+# STATS fields whose metric follows Prometheus' unit naming instead.
+METRIC_NAMES = {"uptime_s": "lmcd_uptime_seconds"}
 # Per-model series: the largest models by bytes, the rest summed as "other",
 # so that clients inventing model names cannot grow the scrape without bound.
 MAX_MODEL_SERIES = 20
@@ -123,7 +125,8 @@ class StatsCollector(Collector):
                 yield CounterMetricFamily(f"lmcd_{name}", doc, value=s[name])
         for name, doc in GAUGES.items():
             if name in s:
-                yield GaugeMetricFamily(f"lmcd_{name}", doc, value=s[name])
+                metric = METRIC_NAMES.get(name, f"lmcd_{name}")
+                yield GaugeMetricFamily(metric, doc, value=s[name])
         chunks = GaugeMetricFamily(
             "lmcd_model_chunks", "Chunks per model", labels=["model"]
         )

@@ -527,15 +527,17 @@ class StorageManager:
 
     # -- clear ---------------------------------------------------------------
 
-    def clear(self, force: bool = True) -> int:
+    def clear(self, force: bool = True, model: str | None = None) -> int:
         """Drop every chunk (`force`), or every chunk not in use: without
         `force`, chunks that are locked by a lookup, pinned by a retrieve or
-        being stored stay. Memory that a copy is using is freed when the
-        copy lets go; nothing dropped is visible to lookups after this.
-        Returns the number of chunks dropped."""
+        being stored stay. `model`: only that model's chunks. Memory that a
+        copy is using is freed when the copy lets go; nothing dropped is
+        visible to lookups after this. Returns the number of chunks dropped."""
         self.expire_locks()
         dropped = 0
         for entry in list(self._index.values()):
+            if model is not None and entry.key.model_name != model:
+                continue
             if not force and (
                 entry.locks or entry.pins or entry.state is State.RESERVED
             ):
@@ -555,6 +557,11 @@ class StorageManager:
                 self._free(entry)
         self._c.cleared_chunks += dropped
         return dropped
+
+    def reset_counters(self) -> None:
+        """Zero the counters (lookups, stores, evictions...); gauges such as
+        chunks, bytes and locks describe what is held and stay."""
+        self._c = _Counters()
 
     # -- memory --------------------------------------------------------------
 

@@ -7,8 +7,10 @@ committed* before the arena may place a chunk in it, so neither a copy nor
 `inspect` ever meets memory that the OS has not really given:
 
 - plain segments are mapped, advised to use transparent huge pages and
-  populated (`MADV_POPULATE_WRITE`, or touched page by page on kernels
-  without it), in slices, so a copy into them never takes a page fault;
+  faulted in, so a copy into them never takes a page fault: at start-up
+  (`--disable-lazy-alloc`) by `MADV_POPULATE_WRITE`, which reports refused
+  memory as an error; while serving, by writing a byte per page, which
+  never holds up the daemon's other threads (see `_committed_anonymous`);
 - pinned segments come from the CUDA host allocator, which commits and
   locks them.
 
@@ -16,9 +18,10 @@ Page-size policy, measured on the 2-core development VM (private 1 GiB
 regions, GB/s of region; ranges over repeated runs on a shared machine):
 first touch by a copy, 4 KiB pages 0.7-2.1, huge pages 4-7; populated ahead
 (MADV_POPULATE_WRITE), 4 KiB pages 2.3-3.5, huge pages 7-11.6 typically (as
-low as 0.5 when the hypervisor must back fresh guest memory); a copy into
-populated memory runs at memcpy speed (about 11) either way. Hence: huge
-pages, populated ahead, in a worker thread, so no copy takes a page fault.
+low as 0.5 when the hypervisor must back fresh guest memory), written a byte
+per page, huge pages 0.7-8; a copy into committed memory runs at memcpy
+speed (about 11) either way. Hence: huge pages, committed ahead in a worker
+thread, so no copy takes a page fault.
 
 Two ways to grow (`grow_inline`):
 
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import math
 import mmap
@@ -60,12 +64,9 @@ DEFAULT_SEGMENT_BYTES = 1 << 30
 # How much prepared, free room the daemon keeps ahead of the fill front to
 # begin with (at least two segments, never more than the capacity).
 DEFAULT_LEAD_BYTES = 2 << 30
-# Populate one huge page per call: each call holds the process's mmap lock
-# while it faults, and any other thread's mmap/munmap (malloc of a large
-# buffer, a Python arena) waits for it. Measured on the 2-core VM while
-# populating 1 GiB: 64 MiB slices stalled a thread's mmap calls for up to
-# 60-170 ms, 2 MiB slices cut the number of stalls several-fold; populating
-# was no slower.
+# Commit one huge page per step: MADV_POPULATE_WRITE holds the process's
+# mmap lock while it faults, so short calls keep other threads' mappings
+# from waiting long; the step is also how often a stop request is seen.
 _POPULATE_SLICE = 2 << 20
 
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
@@ -228,9 +229,12 @@ class PinnedCpuTier:
             self.capacity / (1 << 30),
         )
 
-    def prepare(self, size: int) -> Any:
+    def prepare(self, size: int, *, populate: bool = True) -> Any:
         """Obtain and commit `size` bytes of segment memory: a 1-D uint8
         tensor. Blocking; safe in any thread (it touches no shared state).
+        `populate` False commits plain memory by writing to it instead, which
+        never makes the daemon's other threads wait (see
+        `_committed_anonymous`): for a daemon that is serving.
 
         Raises `MemoryError` when the memory cannot be obtained or committed,
         and `PreparationCancelled` once `cancel_preparation` was called.
@@ -243,7 +247,9 @@ class PinnedCpuTier:
             if self.pin:
                 memory = torch.empty(size, dtype=torch.uint8, pin_memory=True)
             else:
-                memory = _committed_anonymous(size, self.huge_pages, self._stop)
+                memory = _committed_anonymous(
+                    size, self.huge_pages, self._stop, populate
+                )
         except (RuntimeError, OSError) as e:
             raise MemoryError(f"cannot allocate a {size}-byte segment: {e}") from e
         return memory
@@ -285,10 +291,22 @@ def _madvise(address: int, length: int, advice: int) -> int:
     return ctypes.get_errno()
 
 
-def _committed_anonymous(size: int, huge_pages: bool, stop: threading.Event) -> Any:
+def _committed_anonymous(
+    size: int, huge_pages: bool, stop: threading.Event, populate: bool
+) -> Any:
     """`size` bytes of anonymous memory, every page faulted in (committed).
-    Raises `OSError` (ENOMEM) when the kernel refuses pages,
-    `PreparationCancelled` when `stop` is set meanwhile."""
+
+    `populate`: by `MADV_POPULATE_WRITE` (Linux 5.14+), which reports memory
+    the kernel refuses as ENOMEM (an `OSError`), but holds the process's mmap
+    lock while it faults, so that every other thread's mmap/munmap (malloc of
+    a large buffer, a Python arena) waits for it. Otherwise, and on older
+    kernels: one byte written per page, faults that take only the region's
+    own lock on current kernels, so a daemon that serves meanwhile never
+    waits (measured while preparing 1 GiB: another thread's mmap calls
+    stalled up to 117-121 ms behind MADV_POPULATE_WRITE, at most 4-9 ms
+    behind the writes), but memory refused then means the OOM killer.
+    Raises `PreparationCancelled` when `stop` is set meanwhile.
+    """
     import torch
 
     region = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -298,7 +316,6 @@ def _committed_anonymous(size: int, huge_pages: bool, stop: threading.Event) -> 
     if huge_pages:
         # Advisory: without transparent huge pages this is a no-op.
         _madvise(address, size, _MADV_HUGEPAGE)
-    populate = True
     for start in range(0, size, _POPULATE_SLICE):
         if stop.is_set():
             raise PreparationCancelled
@@ -311,7 +328,7 @@ def _committed_anonymous(size: int, huge_pages: bool, stop: threading.Event) -> 
                 populate = False
             else:
                 raise OSError(err, f"populating memory failed: {os.strerror(err)}")
-        # Write one byte per page: ctypes.memset would write them all.
+        # One byte per page (torch releases the GIL; memset would write all).
         tensor[start : start + length : _PAGE].zero_()
     return tensor
 
@@ -393,13 +410,23 @@ def _cgroup_headroom() -> tuple[int, str] | None:
 PREPARE_NICENESS = 10
 
 
-async def in_background_thread(fn: Callable[..., T], *args: Any) -> T:
+# How long a cancelled preparation may take to notice its stop request
+# before it is abandoned (it checks between 2 MiB steps; CUDA pinning is the
+# one step that cannot be interrupted).
+STOP_GRACE = 10.0
+
+
+async def in_background_thread(
+    fn: Callable[..., T], *args: Any, stop: Callable[[], None] | None = None
+) -> T:
     """`fn(*args)` in a thread of its own at lower CPU priority
     (`PREPARE_NICENESS`); its result, or its exception.
 
     Not a `trio.to_thread` worker: a thread's priority cannot always be
-    raised back, and trio's workers are reused for copies. Cancellation
-    abandons the thread, which must touch nothing the daemon uses.
+    raised back, and trio's workers are reused for copies. On cancellation
+    `stop()` asks `fn` to end, and the thread is waited for (up to
+    `STOP_GRACE` seconds): one left running inside torch while the
+    interpreter exits would abort the process.
     """
     token = trio.lowlevel.current_trio_token()
     done = trio.Event()
@@ -415,7 +442,14 @@ async def in_background_thread(fn: Callable[..., T], *args: Any) -> T:
             token.run_sync_soon(done.set)
 
     threading.Thread(target=target, name="lmcd-prepare", daemon=True).start()
-    await done.wait()
+    try:
+        await done.wait()
+    except trio.Cancelled:
+        if stop is not None:
+            stop()
+        with trio.CancelScope(shield=True), trio.move_on_after(STOP_GRACE):
+            await done.wait()
+        raise
     return result[0].unwrap()
 
 
@@ -488,11 +522,13 @@ class SegmentPreparer:
         tier = self.tier
         t0 = time.perf_counter()
         try:
-            # Abandoning the thread on cancellation is safe: it touches only
-            # the segment it is preparing, which nothing else uses yet.
             assert self._limiter is not None
             async with self._limiter:
-                memory = await in_background_thread(tier.prepare, size)
+                # Written, not populated: the daemon is serving meanwhile.
+                memory = await in_background_thread(
+                    functools.partial(tier.prepare, size, populate=False),
+                    stop=tier.cancel_preparation,
+                )
         except PreparationCancelled:
             tier.unclaim(size)
         except Exception as e:  # refused memory, or a bug: never fatal
@@ -530,7 +566,9 @@ async def preallocate(tier: PinnedCpuTier, workers: int) -> None:
     async def one(size: int) -> None:
         try:
             async with limiter:
-                memory = await in_background_thread(tier.prepare, size)
+                memory = await in_background_thread(
+                    tier.prepare, size, stop=tier.cancel_preparation
+                )
         except (MemoryError, PreparationCancelled) as e:
             tier.unclaim(size)
             if not isinstance(e, PreparationCancelled):

@@ -70,7 +70,13 @@ class FakeCopier:
     completions: list[EventCompletion] = attrs.field(factory=list)
 
     async def store(
-        self, kv: Any, event_handle: bytes, chunks: Any, tokens: int, limiter: Any
+        self,
+        kv: Any,
+        event_handle: bytes,
+        chunks: Any,
+        tokens: int,
+        limiter: Any,
+        skip: Any = (),
     ) -> EventCompletion:
         await trio.lowlevel.checkpoint()
         if self.fail_issue:

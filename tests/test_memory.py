@@ -114,7 +114,7 @@ async def test_memory_error_mid_store_is_an_answered_failure(
 async def test_segments_the_os_refuses_are_not_reported(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def prepare(self: PinnedCpuTier, size: int) -> Any:
+    def prepare(self: PinnedCpuTier, size: int, **kw: Any) -> Any:
         raise MemoryError(f"cannot allocate a {size}-byte segment: ENOMEM")
 
     monkeypatch.setattr(PinnedCpuTier, "prepare", prepare)
@@ -151,7 +151,7 @@ async def test_segments_the_os_refuses_are_not_reported(
 async def test_disable_lazy_alloc_that_cannot_commit_is_a_config_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def prepare(self: PinnedCpuTier, size: int) -> Any:
+    def prepare(self: PinnedCpuTier, size: int, **kw: Any) -> Any:
         raise MemoryError(f"cannot allocate a {size}-byte segment: ENOMEM")
 
     monkeypatch.setattr(PinnedCpuTier, "prepare", prepare)
@@ -227,11 +227,11 @@ async def test_a_slow_segment_never_stalls_the_control_plane(
     real_prepare = PinnedCpuTier.prepare
     prepared: list[int] = []
 
-    def prepare(self: PinnedCpuTier, size: int) -> Any:
+    def prepare(self: PinnedCpuTier, size: int, **kw: Any) -> Any:
         if prepared:  # the first segment comes at once: start-up waits for it
             time.sleep(1.0)
         prepared.append(size)
-        return real_prepare(self, size)
+        return real_prepare(self, size, **kw)
 
     monkeypatch.setattr(PinnedCpuTier, "prepare", prepare)
 

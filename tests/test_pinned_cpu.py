@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import trio
@@ -33,16 +34,14 @@ def rss() -> int:
     raise AssertionError("no VmRSS")
 
 
-@pytest.mark.parametrize("populate", [True, False])
-def test_prepare_commits_every_page(
-    monkeypatch: pytest.MonkeyPatch, populate: bool
-) -> None:
-    if not populate:  # as on kernels before 5.14: pages are touched instead
+@pytest.mark.parametrize("how", ["populate", "write", "old kernel"])
+def test_prepare_commits_every_page(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    if how == "old kernel":  # before 5.14: pages are written instead
         monkeypatch.setattr(pinned_cpu, "_MADV_POPULATE_WRITE", 0x7FFF)
     tier = PinnedCpuTier(64 * MiB, segment_bytes=64 * MiB, pin=False)
     tier.prepare(MiB)  # imports torch, which would count in the RSS otherwise
     before = rss()
-    memory = tier.prepare(64 * MiB)
+    memory = tier.prepare(64 * MiB, populate=how != "write")
     assert memory.numel() == 64 * MiB
     assert rss() - before >= 60 * MiB
     del memory
@@ -108,11 +107,11 @@ async def test_a_refused_segment_is_logged_once_and_retried_with_backoff(
     attempts: list[float] = []
     token = trio.lowlevel.current_trio_token()
 
-    def prepare(self: PinnedCpuTier, size: int) -> object:
+    def prepare(self: PinnedCpuTier, size: int, **kw: Any) -> object:
         attempts.append(trio.from_thread.run_sync(trio.current_time, trio_token=token))
         if len(attempts) <= 2:
             raise MemoryError("cannot allocate a segment: ENOMEM")
-        return real_prepare(self, size)
+        return real_prepare(self, size, **kw)
 
     monkeypatch.setattr(PinnedCpuTier, "prepare", prepare)
     tier = PinnedCpuTier(
@@ -157,11 +156,11 @@ async def test_preallocate_fails_as_a_whole(monkeypatch: pytest.MonkeyPatch) -> 
     real_prepare = PinnedCpuTier.prepare
     calls: list[int] = []
 
-    def prepare(self: PinnedCpuTier, size: int) -> object:
+    def prepare(self: PinnedCpuTier, size: int, **kw: Any) -> object:
         calls.append(size)
         if len(calls) == 2:
             raise MemoryError("cannot allocate a segment: ENOMEM")
-        return real_prepare(self, size)
+        return real_prepare(self, size, **kw)
 
     monkeypatch.setattr(PinnedCpuTier, "prepare", prepare)
     tier = PinnedCpuTier(6 * MiB, segment_bytes=2 * MiB, pin=False)

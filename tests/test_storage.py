@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import attrs
 import pytest
@@ -246,10 +247,10 @@ def test_a_refused_segment_is_neither_used_nor_reported(
     real_prepare = PinnedCpuTier.prepare
     refuse = [True]
 
-    def prepare(self: PinnedCpuTier, size: int) -> object:
+    def prepare(self: PinnedCpuTier, size: int, **kw: Any) -> object:
         if refuse[0]:
             raise MemoryError("cannot allocate a segment: ENOMEM")
-        return real_prepare(self, size)
+        return real_prepare(self, size, **kw)
 
     monkeypatch.setattr(PinnedCpuTier, "prepare", prepare)
     with pytest.raises(TierError, match="ENOMEM"):
