@@ -478,15 +478,21 @@ def restart(root: Path, n: int) -> Restart:
 
 def _plain_start() -> float:
     """Seconds from process start to the first answer of a daemon without
-    tiers (and it warms the imports for the measured start)."""
-    port = free_port()
-    started = time.perf_counter()
-    proc = subprocess.Popen(serve_command(port, "--log-level", "warning"), text=True)
-    try:
-        wait_ready(port, proc)
-        return time.perf_counter() - started
-    finally:
-        stop(proc)
+    tiers, imports warm (the first of two starts warms them for both this
+    one and the measured restart)."""
+    took = 0.0
+    for _ in range(2):
+        port = free_port()
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            serve_command(port, "--log-level", "warning"), text=True
+        )
+        try:
+            wait_ready(port, proc)
+            took = time.perf_counter() - started
+        finally:
+            stop(proc)
+    return took
 
 
 # -- cross-daemon retrieve --------------------------------------------------------
