@@ -38,6 +38,12 @@ Design (docs/engine-driven.md has the threat model):
   granted: a stored prefix is still a cache hit.
 - A prepare not committed is freed when the same transfer is prepared
   again, at unregistration or reaping, and after `ttl` seconds.
+- *Inline* instances (lmcache 0.4.6, whose engine-driven transport is a
+  pickle in the message) have no pool: CommitStore carries the chunks
+  (decoded by `lmcd.wire.tensorpickle`, which builds no objects but bytes)
+  and PrepareRetrieve returns them; CommitRetrieve has nothing to free.
+- lmcache 0.4 workers ping without their instance id: their instances are
+  registered with `pings` False and never reaped.
 
 Everything but the copies runs on the Trio thread; the copies never touch
 the storage index.
@@ -65,6 +71,7 @@ from lmcd.storage import Pin, Reservation, StorageManager
 from lmcd.transfer.host import SHM_ROOT
 from lmcd.transfer.layouts import DTYPE_SIZES, KVLayout
 from lmcd.wire.types import (
+    ChunkData,
     CommitRetrieve,
     CommitStore,
     PoolInfo,
@@ -249,6 +256,19 @@ def write_slots(fd: int, copies: Sequence[tuple[int, int, Any]]) -> None:
             done += os.pwrite(fd, view[done:], offset + done)
 
 
+def write_buffers(
+    copies: Sequence[tuple[bytes | memoryview, Any]], nbytes: int
+) -> None:
+    """Copy chunk bytes into storage buffers (inline transfers)."""
+    for data, buffer in copies:
+        _as_bytes(buffer, nbytes)[:] = data
+
+
+def read_buffers(buffers: Sequence[Any], nbytes: int) -> list[bytes]:
+    """The first `nbytes` of each storage buffer, copied (inline transfers)."""
+    return [bytes(_as_bytes(buffer, nbytes)) for buffer in buffers]
+
+
 # -- bookkeeping (Trio thread) ------------------------------------------------
 
 
@@ -323,6 +343,10 @@ class PoolInstance:
     ready: trio.Event = attrs.field(factory=trio.Event)
     pending: dict[TransferKey, Pending] = attrs.field(factory=dict)
     warned_short: bool = False
+    pings: bool = True
+    """It pings with its instance id: silence means it died (`RegisterPool`)."""
+    inline: bool = False
+    """No pool: chunks travel in the messages (`RegisterPool.inline`)."""
 
     def describe(self) -> dict[str, Any]:
         pool = self.pool
@@ -332,6 +356,7 @@ class PoolInstance:
             "world_size": self.world_size,
             "layout": self.layout.tag,
             "pool": None if pool is None else pool.name,
+            "inline": self.inline,
             "pool_bytes": 0 if pool is None else pool.size,
             "slot_bytes_used": 0 if pool is None else pool.arena.used,
             "pending": len(self.pending),
@@ -364,11 +389,24 @@ class PoolJob:
     """What is left to do, off the admission path, for an admitted request."""
 
     op: Literal[
-        "create", "refresh", "commit_store", "prepare_retrieve", "unregister", "done"
+        "create",
+        "refresh",
+        "commit_store",
+        "prepare_retrieve",
+        "inline_store",
+        "inline_retrieve",
+        "unregister",
+        "done",
     ]
     instance: PoolInstance | None = None
     pending: Pending | None = None
     result: object = None
+    # Inline transfers: the chunks to store, with their reservation, or the
+    # pinned chunks to read.
+    data: tuple[ChunkData, ...] = ()
+    reservation: Reservation | None = None
+    pin: Pin | None = None
+    keys: tuple[TokenKey, ...] = ()
 
 
 @attrs.define(slots=True, eq=False)
@@ -482,12 +520,22 @@ class EnginePools:
         return [
             i.instance_id
             for i in self._instances.values()
-            if not i.closing and now - i.last_seen > (timeout if i.pinged else grace)
+            if i.pings
+            and not i.closing
+            and now - i.last_seen > (timeout if i.pinged else grace)
         ]
+
+    def registered(self, instance_id: int) -> bool:
+        """Whether `instance_id` is an engine-driven worker registered here."""
+        return instance_id in self._instances
 
     def _instance(self, instance_id: int) -> PoolInstance:
         instance = self._instances.get(instance_id)
-        if instance is None or instance.closing or instance.pool is None:
+        if (
+            instance is None
+            or instance.closing
+            or (instance.pool is None and not instance.inline)
+        ):
             raise TransferError(f"no engine-driven pool registered for {instance_id}")
         instance.last_seen = self.clock()
         return instance
@@ -532,6 +580,10 @@ class EnginePools:
         if job.op == "unregister":
             await self.unregister(instance.instance_id)
             return None
+        if job.op == "inline_store":
+            return await self._inline_store(job)
+        if job.op == "inline_retrieve":
+            return await self._inline_retrieve(job)
         assert job.pending is not None
         if job.op == "commit_store":
             return await self._commit_store(job.pending)
@@ -548,7 +600,11 @@ class EnginePools:
                 )
             # lmcache: registering a known instance only refreshes it.
             instance.last_seen = self.clock()
+            if instance.inline:
+                return PoolJob("done", result=PoolInfo("", 0))
             return PoolJob("refresh", instance)
+        if request.inline:
+            return self._register_inline(request)
         if not self.pool_bytes:
             raise RegistrationError(
                 "engine-driven transfers are off (--pool-size 0); run the worker "
@@ -568,10 +624,42 @@ class EnginePools:
             layout.chunk_bytes(self.chunk_size),
             shape,
             self.clock(),
+            pings=request.pings,
         )
         self._instances[request.instance_id] = instance
         self._begin(instance)
         return PoolJob("create", instance)
+
+    def _register_inline(self, request: RegisterPool) -> PoolJob:
+        layout, shape = self._layout(request)
+        if len(self._instances) >= self.max_pools:
+            raise RegistrationError(
+                f"{len(self._instances)} engine-driven workers are registered "
+                f"already (at most {self.max_pools})"
+            )
+        instance = PoolInstance(
+            request.instance_id,
+            request.model_name,
+            request.world_size,
+            layout,
+            layout.chunk_bytes(self.chunk_size),
+            shape,
+            self.clock(),
+            pings=request.pings,
+            inline=True,
+        )
+        instance.ready.set()
+        self._instances[request.instance_id] = instance
+        self.counters.registered += 1
+        log.info(
+            "Registered engine-driven worker %d (%s, world size %d, %s); its "
+            "chunks travel in its messages (no pool)",
+            instance.instance_id,
+            instance.model_name,
+            instance.world_size,
+            instance.layout.tag,
+        )
+        return PoolJob("done", result=PoolInfo("", 0))
 
     def _layout(self, request: RegisterPool) -> tuple[KVLayout, tuple[int, ...]]:
         """The chunk layout of a registration, and its slot shape as lmcache
@@ -599,7 +687,7 @@ class EnginePools:
         )
         layout.blocks_per_chunk(size)  # the block size must divide the chunk
         nbytes = layout.chunk_bytes(size)
-        if nbytes > self.pool_bytes:
+        if nbytes > self.pool_bytes and not request.inline:
             raise RegistrationError(
                 f"a {nbytes / MiB:.1f} MiB chunk does not fit a "
                 f"{self.pool_bytes / MiB:.0f} MiB pool (raise --pool-size)"
@@ -672,6 +760,10 @@ class EnginePools:
         the slots are for. No slots: nothing to write (all present). Raises
         `TransferError` when none of the missing chunks find room."""
         instance = self._instance(request.instance_id)
+        if instance.inline:
+            # Nothing to prepare: the chunks come with the commit.
+            self.counters.prepared_stores += 1
+            return PreparedSlots(())
         pool = instance.pool
         assert pool is not None
         span = request.span
@@ -736,6 +828,13 @@ class EnginePools:
 
     def _admit_commit_store(self, request: CommitStore) -> PoolJob:
         instance = self._instance(request.instance_id)
+        if instance.inline:
+            return self._admit_inline_store(instance, request)
+        if request.chunks is not None:
+            raise TransferError(
+                f"commit_store with data for {instance.instance_id}, whose chunks "
+                "go through its pool"
+            )
         span = request.span
         key = _transfer_key("store", span)
         pending = instance.pending.get(key)
@@ -786,6 +885,8 @@ class EnginePools:
 
     def _admit_prepare_retrieve(self, request: PrepareRetrieve) -> PoolJob:
         instance = self._instance(request.instance_id)
+        if instance.inline:
+            return self._admit_inline_retrieve(instance, request)
         pool = instance.pool
         assert pool is not None
         span = request.span
@@ -861,6 +962,8 @@ class EnginePools:
         lock per chunk. False when nothing was prepared (a worker commits
         after a failed prepare_retrieve too)."""
         instance = self._instance(request.instance_id)
+        if instance.inline:
+            return True  # prepare_retrieve gave the chunks away already
         pending = instance.pending.get(_transfer_key("retrieve", request.span))
         if pending is None:
             return False
@@ -876,6 +979,123 @@ class EnginePools:
         self.counters.committed_retrieves += 1
         self.counters.retrieved_chunks += len(pin.entries)
         return True
+
+    # -- inline transfers (no pool) -------------------------------------------
+
+    def _admit_inline_store(
+        self, instance: PoolInstance, request: CommitStore
+    ) -> PoolJob:
+        """Reserve storage for the span's chunks that are not stored yet,
+        to be filled from the chunks in the message (lmcache 0.4.6's server
+        takes the leading chunks it is given, one per key, and ignores the
+        rest)."""
+        chunks = request.chunks
+        if chunks is None:
+            raise TransferError(
+                f"commit_store without data for {instance.instance_id}, which has "
+                "no pool"
+            )
+        keys = self._keys(instance, request.span)
+        dtype = instance.layout.dtype
+        for i, chunk in enumerate(chunks[: len(keys)]):
+            if (
+                chunk.shape != instance.slot_shape
+                or chunk.dtype != dtype
+                or len(chunk.data) != instance.chunk_bytes
+            ):
+                raise TransferError(
+                    f"chunk {i} of request {request.span.request_id!r} is "
+                    f"{chunk.dtype} {list(chunk.shape)}; the worker registered "
+                    f"{dtype} {list(instance.slot_shape)}"
+                )
+        given = keys[: len(chunks)]
+        self.counters.committed_stores += 1
+        self.counters.short_chunks += len(keys) - len(given)
+        try:
+            reservation = self.storage.reserve(
+                given, instance.chunk_bytes, instance.layout.tag
+            )
+        except ValueError as e:
+            raise TransferError(str(e)) from e
+        self.counters.present_chunks += reservation.present
+        self._begin(instance)
+        return PoolJob(
+            "inline_store",
+            instance,
+            data=tuple(chunks[i] for i in reservation.indices),
+            reservation=reservation,
+            keys=tuple(keys),
+        )
+
+    async def _inline_store(self, job: PoolJob) -> bool:
+        instance, reservation = job.instance, job.reservation
+        assert instance is not None
+        assert reservation is not None
+        nbytes = instance.chunk_bytes
+        copies = [
+            (chunk.data, self.storage.buffer(entry))
+            for chunk, entry in zip(job.data, reservation.entries, strict=True)
+        ]
+        try:
+            await trio.to_thread.run_sync(
+                write_buffers, copies, nbytes, limiter=self._limiter
+            )
+        except BaseException:
+            self.storage.abort(reservation)
+            self.counters.failed_copies += 1
+            raise
+        finally:
+            self._end(instance)
+        self.storage.commit(reservation)
+        self.counters.stored_chunks += len(copies)
+        self.counters.bytes_in += nbytes * len(copies)
+        stored = reservation.present + len(copies)
+        return reservation.refused == 0 and stored == len(job.keys)
+
+    def _admit_inline_retrieve(
+        self, instance: PoolInstance, request: PrepareRetrieve
+    ) -> PoolJob:
+        """Pin every chunk of the span (all or nothing, as lmcache 0.4.6's
+        server answers) to be copied out into the reply."""
+        keys = self._keys(instance, request.span)
+        self.counters.prepared_retrieves += 1
+        miss = PoolJob("done", result=PreparedSlots((), ok=False))
+        if not keys:
+            return miss
+        pin = self.storage.pin(keys, instance.chunk_bytes, instance.layout.tag)
+        if len(pin.entries) < len(keys):
+            self.storage.unpin(pin, completed=False)
+            self.storage.release(keys, 1)
+            self.counters.retrieve_misses += 1
+            return miss
+        self._begin(instance)
+        return PoolJob("inline_retrieve", instance, pin=pin, keys=tuple(keys))
+
+    async def _inline_retrieve(self, job: PoolJob) -> PreparedSlots:
+        instance, pin = job.instance, job.pin
+        assert instance is not None
+        assert pin is not None
+        nbytes = instance.chunk_bytes
+        buffers = [self.storage.buffer(entry) for entry in pin.entries]
+        try:
+            data = await trio.to_thread.run_sync(
+                read_buffers, buffers, nbytes, limiter=self._limiter
+            )
+        except BaseException:
+            self.storage.unpin(pin, completed=False)
+            self.storage.release(job.keys, 1)
+            self.counters.failed_copies += 1
+            raise
+        finally:
+            self._end(instance)
+        # The chunks are in the reply: the retrieve is over (lmcache 0.4.6
+        # releases the lookup's locks here, not at commit_retrieve).
+        self.storage.unpin(pin, completed=True)
+        self.counters.committed_retrieves += 1
+        self.counters.retrieved_chunks += len(data)
+        self.counters.bytes_out += nbytes * len(data)
+        dtype, shape = instance.layout.dtype, instance.slot_shape
+        return PreparedSlots((), chunks=tuple(ChunkData(dtype, shape, d) for d in data))
 
     # -- prepared transfers ---------------------------------------------------
 

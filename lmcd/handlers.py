@@ -323,6 +323,11 @@ class Handlers:
             self._start_lookup(request.span)
             return None
         if isinstance(request, QueryLookup):
+            if request.peek:
+                # lmcache 0.4's QUERY_PREFETCH_LOOKUP_HITS: the count without
+                # collecting the job (None while it runs).
+                job = self.jobs.get(request.request_id)
+                return 0 if job is None else job.hits
             # A job finishes as it starts unless it promotes chunks from a
             # lower tier; a wait for such a one waits in a task.
             done = self._job_done.get(request.request_id)
@@ -624,7 +629,12 @@ class Handlers:
                 )
             return None
         if isinstance(request, UnregisterKVCache):
-            await self.scheduler.unregister(request.instance_id)
+            pools = self.pools
+            if pools is not None and pools.registered(request.instance_id):
+                # lmcache 0.4.6 unregisters its engine-driven context so.
+                await pools.unregister(request.instance_id)
+            else:
+                await self.scheduler.unregister(request.instance_id)
             return None
         raise ProtocolError(f"no data-plane handler for {request!r}")
 

@@ -327,7 +327,7 @@ class TransferScheduler:
                 blocks,
                 model_name=request.model_name,
                 world_size=request.world_size,
-                heartbeat=request.refresh,
+                heartbeat=request.pings,
             )
             self._instances[request.instance_id] = instance
             if self.on_registration is not None:

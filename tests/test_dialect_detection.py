@@ -1,5 +1,5 @@
-"""Per-connection detection between the lmcache 0.3 and 0.5 dialects, with
-the captured message sequences of both clients."""
+"""Per-connection detection between the lmcache 0.3, 0.4.x and 0.5
+dialects, with the captured message sequences of their clients."""
 
 from __future__ import annotations
 
@@ -13,10 +13,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmcd.errors import ProtocolError
-from lmcd.wire import PayloadError, Unsupported, lmcache03, lmcache05, parse
+from lmcd.wire import (
+    PayloadError,
+    Unsupported,
+    lmcache03,
+    lmcache04,
+    lmcache05,
+    parse,
+)
 from lmcd.wire.detect import Ambiguous, DialectRouter
 from lmcd.wire.dialect import Dialect, Message
-from lmcd.wire.types import Request
+from lmcd.wire.registry import dialects_for
+from lmcd.wire.types import Ping, Request
 
 D03 = lmcache03.DIALECT
 D05 = lmcache05.DIALECT
@@ -198,3 +206,221 @@ def test_stream_credit_frames_are_not_messages() -> None:
     # they have no operation, so no dialect is asked to read them.
     with pytest.raises(ProtocolError):
         parse([enc(3), b"", b"cancel"])
+
+
+# -- every dialect at once (`--dialect auto`) -------------------------------------
+
+ALL = dialects_for("auto")
+D044, D046, D047 = lmcache04.DIALECTS
+_DATA = Path(__file__).resolve().parent / "data"
+
+
+def _sequences_04() -> dict[str, tuple[Dialect, list[list[bytes]]]]:
+    """The real 0.4 adapters' messages, per client, in the order sent: the
+    two real-server transcripts and the scheduler and worker flows of the
+    0.4.7 capture (its raw clients send every type in table order, which no
+    adapter does)."""
+    seqs: dict[str, tuple[Dialect, list[list[bytes]]]] = {}
+    for release, dialect in (("0.4.6", D046), ("0.4.7", D047)):
+        name = f"lmcache-{release}-real-server-transcript.json"
+        for e in json.loads((_DATA / name).read_text())["entries"]:
+            if e["dir"] == "c2s" and e["client"] != "raw":
+                key = f"{release} {e['client']}"
+                seqs.setdefault(key, (dialect, []))[1].append(_frames(e["frames_hex"]))
+    for v in _data("lmcache-0.4.7.json")["vectors"]:
+        if not v["source"].startswith("A:"):
+            key = f"0.4.7 {v['source']}"
+            seqs.setdefault(key, (D047, []))[1].append(_frames(v["client_frames_hex"]))
+    return seqs
+
+
+SEQUENCES_04 = _sequences_04()
+
+
+def _operation(dialect: Dialect, msg: Message) -> str | None:
+    if dialect is D05:
+        return lmcache05.operation(msg)
+    if dialect is D03:
+        return str(msg.op)
+    assert isinstance(dialect, lmcache04.Lmcache04)
+    return dialect.operation(msg)
+
+
+# Messages that may go unanswered when they are the first a daemon sees of a
+# connection (mid-stream, after a daemon restart), because another enabled
+# dialect reads the same frames as a request of another type and a reply in
+# the wrong type would kill the client. Each is either not waited for, or
+# always preceded on its connection by a message that binds it (an
+# adapter's GET_CHUNK_SIZE, the heartbeat PING that precedes a
+# re-registration), or refused by its own dialect too.
+_MAY_WAIT = {
+    D05: {
+        # `[9, str]` is also lmcache 0.4's END_SESSION; unanswered, the
+        # 0.5 scheduler gives that one lookup up (its job did not survive
+        # the restart anyway).
+        "query_prefetch_status",
+        # Refused by every dialect that knows the number.
+        "cb_unregister_rope",
+        "cb_retrieve_pre_computed",
+        "p2p_query_lookup_results",
+    },
+    # `[14, key, id]`: 0.4.6's COMMIT_RETRIEVE follows its PREPARE_RETRIEVE
+    # (which binds); 0.4.7's PREPARE_RETRIEVE waits for the heartbeat that
+    # binds its connection only if it is the first message after a restart
+    # quicker than one heartbeat interval (it then times out: no hit).
+    D046: {"END_SESSION", "REGISTER_KV_CACHE_NON_GPU_CONTEXT", "COMMIT_RETRIEVE"},
+    D047: {
+        "END_SESSION",
+        "REGISTER_KV_CACHE_NON_GPU_CONTEXT",
+        "PREPARE_RETRIEVE",
+        # Refused by lmcd's 0.4.7 dialect as well (HND CPU caches; pickles).
+        "REGISTER_KV_CACHE",
+        "COMMIT_STORE",
+    },
+}
+
+
+def _all_sequences() -> dict[str, tuple[Dialect, list[list[bytes]]]]:
+    seqs = {
+        name: (D03 if name.startswith("0.3") else D05, seq)
+        for name, seq in SEQUENCES.items()
+    }
+    return {**seqs, **SEQUENCES_04}
+
+
+ALL_SEQUENCES = _all_sequences()
+
+
+def _reply(dialect: Dialect, msg: Message, request: Request, result: object) -> Any:
+    try:
+        return dialect.encode(msg, request, result)
+    except (TypeError, AssertionError) as e:  # not a result of that request
+        return type(e).__name__
+
+
+@pytest.mark.parametrize("name", list(ALL_SEQUENCES))
+def test_under_auto_no_client_is_misread_from_any_starting_point(name: str) -> None:
+    """With every dialect enabled, a client (re)connecting mid-stream is
+    never bound to another dialect's reading nor answered in another
+    dialect's shape; a message only its own dialect and one that reads it
+    differently could have sent waits, unanswered (`_MAY_WAIT`)."""
+    right, seq = ALL_SEQUENCES[name]
+    for start in range(len(seq)):
+        router = DialectRouter(ALL)
+        for frames in seq[start:]:
+            msg = parse(frames)
+            try:
+                routed = router.route(b"c", msg)
+            except Ambiguous:
+                assert router.dialect_of(b"c") is None
+                assert _operation(right, msg) in _MAY_WAIT.get(right, set())
+                continue
+            bound = router.dialect_of(b"c")
+            assert bound is None or bound is right, bound
+            expected = _decoded(right, msg)
+            assert routed.request == expected
+            if routed.request is None:
+                assert routed.error is not None
+                assert routed.error.reply == _owed(right, msg)
+            elif routed.dialect is not right:
+                assert routed.dialect.failure(msg, expected) == right.failure(
+                    msg, expected
+                )
+                assert _reply(routed.dialect, msg, expected, None) == _reply(
+                    right, msg, expected, None
+                )
+
+
+@pytest.mark.parametrize("name", list(SEQUENCES_04))
+def test_a_04_clients_heartbeat_binds_its_connection(name: str) -> None:
+    """After a daemon restart a 0.4 client sends PING (with the uid it has
+    reached) before anything it waits for: that binds the connection."""
+    right, seq = SEQUENCES_04[name]
+    pings = [
+        f
+        for f in seq
+        if _operation(right, parse(f)) == "PING" and parse(f).uid != enc(0)
+    ]
+    if not pings:
+        pytest.skip("this flow sent no heartbeat")
+    router = DialectRouter(ALL)
+    routed = router.route(b"c", parse(pings[0]))
+    assert routed.request == Ping()
+    assert router.dialect_of(b"c") is right
+
+
+def test_every_dialect_on_one_router_at_once() -> None:
+    """One `--dialect auto` daemon: a 0.3.13, a 0.4.6, a 0.4.7 and a 0.5.6
+    client, their messages interleaved, each bound to its own dialect."""
+    clients = [
+        (b"a", SEQUENCES["0.3.13"], D03),
+        (b"b", SEQUENCES_04["0.4.6 worker-a"][1], D046),
+        (b"c", SEQUENCES_04["0.4.7 worker-a"][1], D047),
+        (b"d", SEQUENCES["0.5.6 C:WorkerAdapter(lmcache_driven)"], D05),
+        (b"e", SEQUENCES_04["0.4.6 scheduler"][1], D046),
+    ]
+    router = DialectRouter(ALL)
+    for i in range(max(len(seq) for _, seq, _ in clients)):
+        for identity, seq, right in clients:
+            if i < len(seq):
+                msg = parse(seq[i])
+                routed = router.route(identity, msg)
+                assert routed.request == _decoded(right, msg)
+    assert router.connections() == {
+        "lmcache-0.3": 1,
+        "lmcache-0.4.4": 0,
+        "lmcache-0.4.6": 2,
+        "lmcache-0.4.7": 1,
+        "lmcache-0.5": 1,
+    }
+    assert router.ambiguous_messages == 0
+
+
+_ALL_OPS = sorted(
+    {
+        *range(0, 40),
+        1000,
+        *lmcache05.LEGACY_IDS,
+    },
+    key=str,
+)
+_payloads_all = sorted(
+    {
+        f
+        for seq in (*SEQUENCES.values(), *(s for _, s in SEQUENCES_04.values()))
+        for m in seq
+        for f in m[2:]
+    },
+    key=len,
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    st.sampled_from(_ALL_OPS),
+    st.integers(0, 3),
+    st.lists(st.sampled_from(_payloads_all) | _values.map(enc), max_size=8),
+)
+def test_what_0_3_or_0_5_reads_is_never_served_otherwise(
+    op: int | str, uid: int, payloads: list[bytes]
+) -> None:
+    """Whatever a 0.3 or 0.5 client could send: if its dialect reads it,
+    the `auto` router serves exactly that request with that dialect's
+    replies, or leaves it unanswered; never another reading."""
+    msg = parse([enc(uid), enc(op), *payloads])
+    router = DialectRouter(ALL)
+    try:
+        routed = router.route(b"x", msg)
+    except Ambiguous:
+        return
+    for dialect in (D03, D05):
+        if not dialect.plausible(msg):
+            continue
+        request = _decoded(dialect, msg)
+        if request is None:
+            continue
+        assert routed.request == request
+        assert routed.dialect.failure(msg, request) == dialect.failure(msg, request)
+        assert _reply(routed.dialect, msg, request, None) == _reply(
+            dialect, msg, request, None
+        )

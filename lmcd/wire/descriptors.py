@@ -152,21 +152,31 @@ def decode_descriptor(data: bytes | memoryview) -> TensorRef:
 
 
 def _view_bytes(meta: _Metadata) -> tuple[int, int]:
-    """The view's itemsize and exclusive byte end within its storage."""
-    itemsize = DTYPE_SIZES.get(meta.dtype)
+    return view_bytes(meta.dtype, meta.shape, meta.stride, meta.storage_offset)
+
+
+def view_bytes(
+    dtype: str,
+    shape: tuple[int, ...],
+    stride: tuple[int, ...],
+    storage_offset: int,
+) -> tuple[int, int]:
+    """A strided view's itemsize and exclusive byte end within its storage
+    (also for lmcache 0.4's pickled wrappers, which carry the same view).
+    Raises `DescriptorError` for an unknown dtype, an empty or mismatched
+    shape, or a view past `MAX_TENSOR_BYTES`."""
+    itemsize = DTYPE_SIZES.get(dtype)
     if itemsize is None:
-        raise DescriptorError(f"unknown or unsupported dtype {meta.dtype!r}")
-    if not meta.shape:
+        raise DescriptorError(f"unknown or unsupported dtype {dtype!r}")
+    if not shape:
         raise DescriptorError("a KV tensor needs at least one dimension")
-    if len(meta.stride) != len(meta.shape):
-        raise DescriptorError(
-            f"{len(meta.stride)} strides for a {len(meta.shape)}-d shape"
-        )
-    if 0 in meta.shape:
-        raise DescriptorError(f"empty KV tensor (shape {list(meta.shape)})")
-    last = meta.storage_offset
-    for size, stride in zip(meta.shape, meta.stride, strict=True):
-        last += (size - 1) * stride
+    if len(stride) != len(shape):
+        raise DescriptorError(f"{len(stride)} strides for a {len(shape)}-d shape")
+    if 0 in shape:
+        raise DescriptorError(f"empty KV tensor (shape {list(shape)})")
+    last = storage_offset
+    for size, step in zip(shape, stride, strict=True):
+        last += (size - 1) * step
     end = (last + 1) * itemsize
     # Python ints do not overflow; this keeps later arithmetic sane.
     if end > MAX_TENSOR_BYTES:
@@ -199,19 +209,41 @@ def _cuda(desc: _Cuda) -> CudaTensorRef:
 
 def _cpu_shm(desc: _CpuShm) -> HostTensorRef:
     meta = desc.metadata
-    itemsize, end = _view_bytes(meta)
-    if desc.nbytes > MAX_TENSOR_BYTES:
-        raise DescriptorError(f"shared-memory segment of {desc.nbytes} bytes")
-    if end > desc.nbytes:
+    return shm_tensor(
+        desc.shm_name,
+        desc.nbytes,
+        meta.dtype,
+        meta.shape,
+        meta.stride,
+        meta.storage_offset,
+    )
+
+
+def shm_tensor(
+    shm_name: str,
+    nbytes: int,
+    dtype: str,
+    shape: tuple[int, ...],
+    stride: tuple[int, ...],
+    storage_offset: int,
+) -> HostTensorRef:
+    """The host tensor of a strided view into the POSIX shared-memory
+    segment `shm_name` of `nbytes` bytes (lmcache's `cpu_shm` descriptor of
+    0.5.6, its pickled `CpuShmTensorWrapper` of 0.4.7). Raises
+    `DescriptorError` for a bad name or a view outside the segment."""
+    itemsize, end = view_bytes(dtype, shape, stride, storage_offset)
+    if nbytes > MAX_TENSOR_BYTES:
+        raise DescriptorError(f"shared-memory segment of {nbytes} bytes")
+    if end > nbytes:
         raise DescriptorError(
-            f"tensor view ends at byte {end}, past its {desc.nbytes}-byte segment"
+            f"tensor view ends at byte {end}, past its {nbytes}-byte segment"
         )
     return HostTensorRef(
-        path=f"{SHM_ROOT}/{_shm_file(desc.shm_name)}",
-        offset=meta.storage_offset * itemsize,
-        shape=meta.shape,
-        dtype=meta.dtype,
-        stride=meta.stride,
+        path=f"{SHM_ROOT}/{_shm_file(shm_name)}",
+        offset=storage_offset * itemsize,
+        shape=shape,
+        dtype=dtype,
+        stride=stride,
     )
 
 

@@ -24,46 +24,49 @@ no trio, zmq or torch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Literal
+from collections.abc import Sequence
+from typing import Annotated, Literal
 
 import attrs
 import msgspec
 
 from lmcd.errors import ProtocolError
-from lmcd.tokens import check_token_ids
-from lmcd.transfer.layouts import DTYPE_SIZES
+from lmcd.wire import tokenkeys as tk
 from lmcd.wire.descriptors import (
     UnsupportedDescriptor,
     decode_descriptor,
 )
 from lmcd.wire.dialect import Message, PayloadError, Unsupported
+from lmcd.wire.tokenkeys import (
+    BLOCKS_FRAME,
+    EMPTY_DATA_FRAME,
+    KEY_FRAME,
+    MAX_BLOCK_SIZE,
+    MAX_INT64,
+    MAX_READERS,
+    MAX_TOKENS,
+    RECORDS_FRAME,
+    SMALL_FRAME,
+    TENSORS_FRAME,
+    Op,
+    Response,
+)
 from lmcd.wire.types import (
-    MAX_BLOCK_IDS_PER_REQUEST,
-    MAX_EVENT_HANDLE,
     MAX_LAYERS,
-    MAX_MODEL_NAME,
-    MAX_WORLD_SIZE,
     Capabilities,
     Clear,
     CommitRetrieve,
     CommitStore,
-    CopyResult,
     EndSession,
-    EngineGroup,
     FreeLookupLocks,
     GetChunkSize,
     LayoutHints,
     Noop,
     Ping,
-    PoolInfo,
-    PreparedSlots,
     PrepareRetrieve,
     PrepareStore,
     QueryLookup,
     RegisterKVCache,
-    RegisterPool,
-    ReportBlockAllocation,
     Request,
     RetrieveSpan,
     StartLookup,
@@ -75,36 +78,31 @@ from lmcd.wire.types import (
 
 NAME = "lmcache-0.5"
 
+__all__ = [
+    "DIALECT",
+    "KEY_FRAME",
+    "LEGACY_IDS",
+    "MAX_REQUEST_CONFIGS",
+    "MAX_TOKENS",
+    "MAX_WAIT_SECONDS",
+    "NAME",
+    "UNSUPPORTED",
+    "Lmcache05",
+    "decode_request",
+    "encode_reply",
+    "failure_reply",
+    "operation",
+]
+
 # -- bounds ---------------------------------------------------------------------
 
-MAX_TOKENS = 1 << 21
-"""Tokens one key may carry: a 2M-token prompt (every key carries the
-request's whole prompt, so this is the longest prompt lmcd serves)."""
-MAX_REQUEST_ID = 1024
-MAX_SALT = 128
-"""lmcache's own `cache_salt` limit (characters)."""
-SALT_FORBIDDEN = frozenset("@/\\\x00")
-MAX_READERS = MAX_WORLD_SIZE
+# The bounds shared with lmcache 0.4 are in `lmcd.wire.tokenkeys`.
 MAX_REQUEST_CONFIGS = 64
 """Entries of a key's `request_configs` (accepted and ignored)."""
 MAX_REQUEST_CONFIGS_BYTES = 64 * 1024
 MAX_WAIT_SECONDS = 300.0
 """Longest `wait_prefetch_status` wait (the clients' own default timeout);
 a longer one is cut to this, after which the reply is "still running"."""
-MAX_BLOCK_SIZE = 1 << 20
-MAX_HIDDEN = 1 << 24
-MAX_RECORDS = 65_536
-MAX_INT64 = (1 << 63) - 1
-
-# Bytes one payload frame may hold, checked before anything is decoded. A
-# key carries the whole prompt (at most 5 bytes per token in MessagePack);
-# every other frame is small.
-SMALL_FRAME = 64 * 1024
-KEY_FRAME = 5 * MAX_TOKENS + 64 * 1024
-BLOCKS_FRAME = 8 * 1024 * 1024
-TENSORS_FRAME = 8 * 1024 * 1024
-RECORDS_FRAME = KEY_FRAME
-EMPTY_DATA_FRAME = 16
 
 LEGACY_IDS: dict[str, int] = {
     "register_kv_cache": 1,
@@ -145,25 +143,12 @@ _BY_ID = {v: k for k, v in LEGACY_IDS.items()}
 
 # -- wire shapes ----------------------------------------------------------------
 
-_Count = Annotated[int, msgspec.Meta(ge=0)]
 
+class _Key(tk.KeyFields, forbid_unknown_fields=True):
+    """`IPCCacheServerKey` as 0.5.5+ clients send it: lmcache 0.4's key
+    fields plus `request_configs` (accepted and ignored) and
+    `num_kv_readers` (required, at least 1)."""
 
-class _Key(msgspec.Struct, forbid_unknown_fields=True):
-    """`IPCCacheServerKey` as 0.5.5+ clients send it (every field, by name).
-
-    Fields unknown to 0.5.6 are refused rather than ignored: a key from
-    another release line must not be half-read.
-    """
-
-    model_name: Annotated[str, msgspec.Meta(max_length=MAX_MODEL_NAME)]
-    world_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_WORLD_SIZE)]
-    worker_id: Annotated[int, msgspec.Meta(ge=0, lt=MAX_WORLD_SIZE)] | None
-    # Each id's range is checked by `check_token_ids` (faster than here).
-    token_ids: Annotated[tuple[int, ...], msgspec.Meta(max_length=MAX_TOKENS)]
-    start: _Count
-    end: _Count
-    request_id: Annotated[str, msgspec.Meta(max_length=MAX_REQUEST_ID)]
-    cache_salt: Annotated[str, msgspec.Meta(max_length=MAX_SALT)] = ""
     request_configs: (
         Annotated[dict[str, msgspec.Raw], msgspec.Meta(max_length=MAX_REQUEST_CONFIGS)]
         | None
@@ -183,54 +168,30 @@ class _Hints(msgspec.Struct, forbid_unknown_fields=True):
     head_dim: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] | None = None
 
 
-class _GroupInfo(msgspec.Struct, forbid_unknown_fields=True):
-    """lmcache's `EngineGroupInfo`."""
+class _GroupInfo(tk.GroupInfo, forbid_unknown_fields=True):
+    """lmcache's `EngineGroupInfo` (0.5 adds two fields to 0.4.7's)."""
 
-    engine_group_id: Annotated[int, msgspec.Meta(ge=0, lt=MAX_LAYERS)]
-    layer_indices: Annotated[
-        tuple[Annotated[int, msgspec.Meta(ge=0, lt=MAX_LAYERS)], ...],
-        msgspec.Meta(max_length=MAX_LAYERS),
-    ] = ()
-    tokens_per_block: Annotated[int, msgspec.Meta(ge=0, le=MAX_BLOCK_SIZE)] = 0
-    sw_size_tokens: Annotated[int, msgspec.Meta(ge=-1, le=MAX_INT64)] = -1
     extra_object_group_tag: Annotated[int, msgspec.Meta(ge=0, le=MAX_INT64)] = 0
     recurrent_state: bool = False
 
 
-class _PoolPayload(msgspec.Struct, forbid_unknown_fields=True):
+class _PoolPayload(tk.PoolFields, forbid_unknown_fields=True):
     """`RegisterEngineDrivenContextPayload`."""
 
-    instance_id: Annotated[int, msgspec.Meta(ge=-(1 << 63), le=MAX_INT64)]
-    model_name: Annotated[str, msgspec.Meta(max_length=MAX_MODEL_NAME)]
-    world_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_WORLD_SIZE)]
-    block_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_BLOCK_SIZE)]
-    num_layers: Annotated[int, msgspec.Meta(ge=1, le=MAX_LAYERS)]
-    hidden_dim_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_HIDDEN)]
-    dtype_str: Annotated[str, msgspec.Meta(max_length=64)]
-    use_mla: bool
     num_physical_slots: Annotated[int, msgspec.Meta(ge=1, le=MAX_BLOCK_SIZE)] | None = (
         None
     )
 
 
-class _Record(msgspec.Struct, forbid_unknown_fields=True):
-    """`BlockAllocationRecord`."""
-
-    req_id: Annotated[str, msgspec.Meta(max_length=MAX_REQUEST_ID)]
-    new_block_ids: list[int]
-    new_token_ids: list[int]
-
-
 _ENGINES = frozenset({"vllm", "atom", "sglang", "trtllm", "mock"})
 
 _key = msgspec.msgpack.Decoder(_Key)
-_int = msgspec.msgpack.Decoder(int)
+_int = tk.int_decoder
 _opt_int = msgspec.msgpack.Decoder(int | None)
-_str = msgspec.msgpack.Decoder(str)
-_bool = msgspec.msgpack.Decoder(bool)
+_str = tk.str_decoder
+_bool = tk.bool_decoder
 _float = msgspec.msgpack.Decoder(float)
-_bytes = msgspec.msgpack.Decoder(bytes)
-_blocks = msgspec.msgpack.Decoder(list[list[int]])
+_bytes = tk.bytes_decoder
 _exts = msgspec.msgpack.Decoder(
     Annotated[list[msgspec.msgpack.Ext], msgspec.Meta(max_length=MAX_LAYERS)]
 )
@@ -239,37 +200,12 @@ _groups = msgspec.msgpack.Decoder(
     Annotated[list[_GroupInfo], msgspec.Meta(max_length=MAX_LAYERS)]
 )
 _pool = msgspec.msgpack.Decoder(_PoolPayload)
-_records = msgspec.msgpack.Decoder(
-    Annotated[list[_Record], msgspec.Meta(max_length=MAX_RECORDS)]
-)
 _encoder = msgspec.msgpack.Encoder()
 
 # -- operations -----------------------------------------------------------------
 
-# What the client declares as the response, which fixes both the reply to a
-# result and the failure reply.
-_Response = Literal[
-    "none",  # no response frame
-    "copy",  # [event handle, ok]
-    "count",  # int, or no frame while running
-    "chunk_size",  # int
-    "bool",
-    "str",
-    "strs",  # list[str]
-    "pool",  # RegisterEngineDrivenContextResponse
-    "prepare_store",  # PrepareStoreResponse
-    "prepare_retrieve",  # PrepareRetrieveResponse
-]
-
-_Decode = Callable[[Sequence[bytes]], Request]
-
-
-@attrs.frozen
-class _Op:
-    name: str
-    limits: tuple[int, ...]  # per payload frame, checked before decoding
-    response: _Response
-    decode: _Decode
+_Op = Op
+_Response = Response
 
 
 @attrs.frozen
@@ -283,19 +219,12 @@ class _Refused:
     """What the operation belongs to, for the log line."""
 
 
-def _frame_checks(op: _Op, payloads: Sequence[bytes]) -> None:
-    for i, (data, limit) in enumerate(zip(payloads, op.limits, strict=True)):
-        if len(data) > limit:
-            raise ProtocolError(
-                f"payload {i} of {op.name} is {len(data)} bytes, over {limit}"
-            )
-
-
-def _instance_id(data: bytes) -> int:
-    value = _int.decode(data)
-    if not -(1 << 63) <= value <= MAX_INT64:
-        raise ProtocolError("instance id out of int64 range")
-    return value
+_frame_checks = tk.check_frames
+_instance_id = tk.instance_id
+_event = tk.event_handle
+_request_id = tk.request_id
+_model_name = tk.model_name
+_block_ids = tk.group_block_ids
 
 
 def _span(data: bytes, *, empty_ok: bool = False) -> TokenSpan:
@@ -303,86 +232,23 @@ def _span(data: bytes, *, empty_ok: bool = False) -> TokenSpan:
     range instead of an error (free_lookup_locks: lmcache's server ignores
     such a range)."""
     key = _key.decode(data)
-    try:
-        check_token_ids(key.token_ids)
-    except ValueError as e:
-        raise ProtocolError(f"bad token_ids: {e}") from e
-    if key.worker_id is not None and key.worker_id >= key.world_size:
-        raise ProtocolError(f"worker_id {key.worker_id} not in 0..world_size-1")
-    start, end = key.start, key.end
-    if end > len(key.token_ids):
-        raise ProtocolError(f"end {end} is past the {len(key.token_ids)} token ids")
-    if start > end:
-        if not empty_ok:
-            raise ProtocolError(f"start {start} is after end {end}")
-        start = end
     if key.num_kv_readers < 1:
         raise ProtocolError(
             "num_kv_readers is missing or 0; lmcd needs an lmcache 0.5.5+ client"
         )
-    salt = key.cache_salt
-    if SALT_FORBIDDEN.intersection(salt):
-        raise ProtocolError(f"cache_salt {salt!r} contains @, /, \\ or NUL")
     configs = key.request_configs
     if configs is not None:
         size = sum(len(k) + len(v) for k, v in configs.items())
         if size > MAX_REQUEST_CONFIGS_BYTES:
             raise ProtocolError(f"request_configs of {size} bytes")
-    return TokenSpan(
-        model_name=key.model_name,
-        world_size=key.world_size,
-        worker_id=key.worker_id,
-        token_ids=key.token_ids,
-        start=start,
-        end=end,
-        request_id=key.request_id,
-        salt=salt,
-        readers=key.num_kv_readers,
-    )
-
-
-def _block_ids(data: bytes) -> tuple[tuple[int, ...], ...]:
-    groups = _blocks.decode(data)
-    if len(groups) > MAX_LAYERS:
-        raise ProtocolError(f"block ids for {len(groups)} groups")
-    total = 0
-    for ids in groups:
-        total += len(ids)
-        if total > MAX_BLOCK_IDS_PER_REQUEST:
-            raise ProtocolError(f"over {MAX_BLOCK_IDS_PER_REQUEST} block ids")
-        if ids and (min(ids) < 0 or max(ids) > MAX_INT64):
-            raise ProtocolError("block ids must be non-negative int64")
-    return tuple(tuple(ids) for ids in groups)
-
-
-def _event(data: bytes) -> bytes:
-    handle = _bytes.decode(data)
-    if len(handle) > MAX_EVENT_HANDLE:
-        raise ProtocolError("event handle too long")
-    return handle
-
-
-def _request_id(data: bytes) -> str:
-    value = _str.decode(data)
-    if len(value) > MAX_REQUEST_ID:
-        raise ProtocolError("request id too long")
-    return value
-
-
-def _model_name(data: bytes) -> str:
-    value = _str.decode(data)
-    if len(value) > MAX_MODEL_NAME:
-        raise ProtocolError("model name too long")
-    return value
+    return tk.token_span(key, readers=key.num_kv_readers, empty_ok=empty_ok)
 
 
 def _register(p: Sequence[bytes]) -> Request:
     instance_id = _instance_id(p[0])
     exts = _exts.decode(p[1])
     model_name = _model_name(p[2])
-    world_size = _int.decode(p[3])
-    if not 1 <= world_size <= MAX_WORLD_SIZE:
-        raise ProtocolError(f"world_size {world_size} out of range")
+    world_size = tk.world_size(p[3])
     engine = _str.decode(p[4])
     if engine not in _ENGINES:
         raise ProtocolError(f"unknown engine type {engine!r}")
@@ -395,35 +261,12 @@ def _register(p: Sequence[bytes]) -> Request:
         if ext.code != 1:
             raise ProtocolError(f"tensor extension code {ext.code}, expected 1")
         layers.append(decode_descriptor(memoryview(ext.data)))
-    seen: set[int] = set()
-    groups = []
-    for info in infos:
-        for layer in info.layer_indices:
-            if layer >= len(layers) or layer in seen:
-                raise ProtocolError(
-                    f"group {info.engine_group_id} names layer {layer} of "
-                    f"{len(layers)}, or one another group has"
-                )
-            seen.add(layer)
-        sw = info.sw_size_tokens
-        if sw == 0:
-            raise ProtocolError("sliding window of 0 tokens")
-        groups.append(
-            EngineGroup(
-                group_id=info.engine_group_id,
-                layer_indices=info.layer_indices,
-                tokens_per_block=info.tokens_per_block,
-                sliding_window_tokens=None if sw < 0 else sw,
-                extra_tag=info.extra_object_group_tag,
-                recurrent=info.recurrent_state,
-            )
-        )
     return RegisterKVCache(
         instance_id=instance_id,
         layers=tuple(layers),
         model_name=model_name,
         world_size=world_size,
-        groups=tuple(groups),
+        groups=tk.engine_groups(infos, len(layers)),
         refresh=True,
         engine=engine,
         hints=LayoutHints(
@@ -442,20 +285,18 @@ def _store(p: Sequence[bytes]) -> Request:
 
 def _retrieve(p: Sequence[bytes]) -> Request:
     span = _span(p[0])
-    skip = _int.decode(p[4])
-    tokens = span.end - span.start
-    if not 0 <= skip <= tokens:
-        raise ProtocolError(
-            f"skip_first_n_tokens {skip} outside the {tokens}-token range"
-        )
     return RetrieveSpan(
-        span, _instance_id(p[1]), _block_ids(p[2]), _event(p[3]), skip_tokens=skip
+        span,
+        _instance_id(p[1]),
+        _block_ids(p[2]),
+        _event(p[3]),
+        skip_tokens=tk.skip_tokens(p[4], span),
     )
 
 
 def _tp_size(data: bytes) -> None:
-    # Sent for payload arity only; lmcache's server ignores it too.
-    _int.decode(data)
+    # Sent for payload arity only; lmcache 0.5's server ignores it too.
+    tk.tp_size(data)
 
 
 def _lookup(p: Sequence[bytes]) -> Request:
@@ -480,19 +321,7 @@ def _wait(p: Sequence[bytes]) -> Request:
 
 def _register_pool(p: Sequence[bytes]) -> Request:
     pool = _pool.decode(p[0])
-    if pool.dtype_str not in DTYPE_SIZES:
-        raise ProtocolError(f"unknown or unsupported dtype {pool.dtype_str!r}")
-    return RegisterPool(
-        instance_id=pool.instance_id,
-        model_name=pool.model_name,
-        world_size=pool.world_size,
-        block_size=pool.block_size,
-        num_layers=pool.num_layers,
-        hidden=pool.hidden_dim_size,
-        dtype=pool.dtype_str,
-        mla=pool.use_mla,
-        slots_per_chunk=pool.num_physical_slots,
-    )
+    return tk.register_pool(pool, slots_per_chunk=pool.num_physical_slots)
 
 
 def _commit_store(p: Sequence[bytes]) -> Request:
@@ -503,20 +332,8 @@ def _commit_store(p: Sequence[bytes]) -> Request:
     return CommitStore(span, instance_id)
 
 
-# An empty MessagePack bin in each of its three encodings.
-_EMPTY_BINS = frozenset({b"\xc4\x00", b"\xc5\x00\x00", b"\xc6\x00\x00\x00\x00"})
-
-
-def _is_data(frame: bytes) -> bool:
-    """Whether `frame` is a non-empty MessagePack bin (by its header)."""
-    return frame[:1] in (b"\xc4", b"\xc5", b"\xc6") and frame not in _EMPTY_BINS
-
-
-def _report(p: Sequence[bytes]) -> Request:
-    instance_id = _instance_id(p[0])
-    model_name = _model_name(p[1])
-    records = _records.decode(p[2])
-    return ReportBlockAllocation(instance_id, model_name, len(records))
+_is_data = tk.is_data
+_report = tk.report
 
 
 _S, _K = SMALL_FRAME, KEY_FRAME
@@ -656,24 +473,7 @@ def _payload_count(name: str) -> int:
 # -- replies ---------------------------------------------------------------------
 
 
-def _failure_value(response: _Response) -> object:
-    if response == "copy":
-        return [b"", False]
-    if response == "count":
-        return 0
-    if response == "bool":
-        return False
-    if response == "str":
-        return "ERROR"
-    if response == "strs":
-        return []
-    if response == "pool":
-        return {"shm_name": "", "pool_size": 0}
-    if response == "prepare_store":
-        return {"context": {"slots": [], "chunk_indices": []}}
-    if response == "prepare_retrieve":
-        return {"success": False, "data": b"", "context": {}}
-    return None
+_failure_value = tk.failure_value
 
 
 def failure_reply(message: Message) -> list[bytes] | None:
@@ -787,59 +587,9 @@ def encode_reply(message: Message, request: Request, result: object) -> list[byt
 
 
 def _reply_value(name: str, response: _Response, result: object) -> object:
-    if response == "none":
-        return None
-    if response == "copy":
-        if isinstance(result, CopyResult):
-            handle = result.event_handle
-            return [b"" if handle is None else handle, bool(result.ok)]
-    elif response == "count":
-        if result is None or _is_int(result):
-            return result
-    elif response == "chunk_size":
-        if _is_int(result):
-            return result
-    elif response == "bool":
-        if isinstance(result, bool):
-            return result
-    elif response == "str":
-        if isinstance(result, str):
-            return result
-    elif response == "strs":
-        if isinstance(result, list | tuple) and all(isinstance(s, str) for s in result):
-            return list(result)
-    elif response == "pool":
-        if isinstance(result, PoolInfo):
-            return {"shm_name": result.shm_name, "pool_size": result.pool_size}
-    elif response == "prepare_store":
-        if isinstance(result, PreparedSlots):
-            return {
-                "context": {
-                    "slots": _slots(result),
-                    "chunk_indices": list(result.chunk_indices),
-                }
-            }
-    elif isinstance(result, PreparedSlots):  # prepare_retrieve
-        if not result.ok:
-            return {"success": False, "data": b"", "context": {}}
-        return {"success": True, "data": b"", "context": {"slots": _slots(result)}}
-    raise TypeError(f"{name} cannot answer with {type(result).__name__} {result!r}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _slots(result: PreparedSlots) -> list[dict[str, Any]]:
-    return [
-        {
-            "offset": s.offset,
-            "length": s.length,
-            "shape": list(s.shape),
-            "dtype": s.dtype,
-        }
-        for s in result.slots
-    ]
+    # A copy without device work answers with an empty handle: 0.5.6
+    # clients then wait for no event.
+    return tk.reply_value(name, response, result, b"")
 
 
 class Lmcache05:

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 from lmcd.errors import ConfigError
-from lmcd.wire import lmcache03, lmcache05
+from lmcd.wire import lmcache03, lmcache04, lmcache05
 from lmcd.wire.dialect import Dialect
 
 AUTO = "auto"
 
 DIALECTS: dict[str, Dialect] = {
     lmcache03.NAME: lmcache03.DIALECT,
+    **{d.name: d for d in lmcache04.DIALECTS},
     lmcache05.NAME: lmcache05.DIALECT,
 }
+
+ALIASES = {"lmcache-0.4.5": lmcache04.LMCACHE_044.name}
+"""Releases that speak another's dialect (0.4.5 numbers its types as 0.4.4)."""
 
 
 def choices() -> list[str]:
     """Every value `--dialect` accepts."""
-    return [AUTO, *DIALECTS]
+    return [AUTO, *DIALECTS, *ALIASES]
 
 
 def dialects_for(name: str) -> tuple[Dialect, ...]:
@@ -26,7 +30,7 @@ def dialects_for(name: str) -> tuple[Dialect, ...]:
     """
     if name == AUTO:
         return tuple(DIALECTS.values())
-    dialect = DIALECTS.get(name)
+    dialect = DIALECTS.get(ALIASES.get(name, name))
     if dialect is None:
         raise ConfigError(
             f"--dialect must be one of {', '.join(choices())} (got {name!r})"

@@ -178,6 +178,12 @@ class RegisterKVCache:
     engine: str | None = None
     """Which engine registers (lmcache 0.5: "vllm", "sglang", ...)."""
     hints: LayoutHints = LayoutHints()
+    pings: bool = attrs.field(
+        default=attrs.Factory(lambda self: self.refresh, takes_self=True)
+    )
+    """The worker pings with its instance id, so a silent one has died and
+    is reaped (lmcache 0.5). By default as `refresh`; lmcache 0.4 refreshes
+    but pings without an id, so its workers are never reaped."""
 
 
 @attrs.frozen
@@ -251,10 +257,13 @@ class StartLookup:
 @attrs.frozen
 class QueryLookup:
     """The chunk count of a finished lookup job, exactly once; None while
-    it runs, 0 for an unknown job. With `wait`, wait up to that many seconds."""
+    it runs, 0 for an unknown job. With `wait`, wait up to that many seconds.
+    With `peek` (lmcache 0.4's QUERY_PREFETCH_LOOKUP_HITS) the job stays
+    for the query that collects it."""
 
     request_id: str
     wait: float | None = None
+    peek: bool = False
 
 
 @attrs.frozen
@@ -306,6 +315,13 @@ class RegisterPool:
     dtype: str
     mla: bool
     slots_per_chunk: int | None = None
+    pings: bool = True
+    """The worker pings with its instance id (lmcache 0.5): a silent one
+    is reaped. lmcache 0.4 pings without one."""
+    inline: bool = False
+    """No pool: the chunks travel in the messages (lmcache 0.4.6's pickle
+    transport, through `lmcd.wire.tensorpickle`): `CommitStore.chunks` in,
+    `PreparedSlots.chunks` out."""
 
 
 @attrs.frozen
@@ -322,11 +338,24 @@ class PrepareStore:
 
 
 @attrs.frozen
+class ChunkData:
+    """One chunk that travels in a message (an inline engine-driven
+    transfer): a C-contiguous tensor of `shape` and `dtype` whose bytes
+    are `data`."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes | memoryview = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
+
+
+@attrs.frozen
 class CommitStore:
-    """The engine filled the slots `PrepareStore` gave it: store them."""
+    """The engine filled the slots `PrepareStore` gave it: store them. For
+    an inline instance `chunks` are the chunks of the span themselves."""
 
     span: TokenSpan
     instance_id: int
+    chunks: tuple[ChunkData, ...] | None = None
 
 
 @attrs.frozen
@@ -456,3 +485,5 @@ class PreparedSlots:
     slots: tuple[PoolSlot, ...]
     chunk_indices: tuple[int, ...] = ()
     ok: bool = True
+    chunks: tuple[ChunkData, ...] = ()
+    """An inline instance's retrieved chunks (it has no slots)."""

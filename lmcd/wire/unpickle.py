@@ -30,7 +30,8 @@ from typing import Any
 import attrs
 
 from lmcd.errors import ProtocolError
-from lmcd.wire.types import CudaTensorRef, TensorRef
+from lmcd.wire.descriptors import UnsupportedDescriptor, shm_tensor, view_bytes
+from lmcd.wire.types import CudaTensorRef, HostTensorRef, TensorRef
 
 # A real 0.3 wrapper pickles to 330-380 bytes (two 64-byte handles, a shape,
 # a device UUID); newer wrappers add a stride tuple and an offset.
@@ -363,3 +364,148 @@ def load_cuda_ipc_wrapper(data: bytes) -> TensorRef:
     before any object other than the stand-ins above is built.
     """
     return load_wrapper(data, _ALLOWED_03, "CudaIPCWrapper")
+
+
+# -- lmcache 0.4.x ---------------------------------------------------------------
+#
+# Since 0.3.14 a wrapper records the tensor's view (`shape` a plain tuple,
+# `stride`, `storage_offset`) and `device_uuid`; 0.4 adds two subclasses
+# that share ext code 1: `RawCudaIPCWrapper` (a driver IPC handle of a
+# buffer torch did not allocate: TRT-LLM's) and `CpuShmTensorWrapper` (a CPU
+# tensor in a POSIX shared-memory segment, the worker's KV cache on a
+# machine without a GPU: lmcd's host path).
+
+_VIEW_FIELDS = frozenset({"handle", "dtype", "shape", "stride", "storage_offset"})
+
+
+def _view(
+    state: dict[str, Any], what: str
+) -> tuple[str, tuple[int, ...], tuple[int, ...], int]:
+    """The checked (dtype, shape, stride, storage_offset) of a 0.4 wrapper."""
+    dtype = state.get("dtype")
+    shape = state.get("shape")
+    stride = state.get("stride")
+    offset = state.get("storage_offset")
+    if not isinstance(dtype, _DtypeName):
+        raise ProtocolError(f"{what}.dtype must be a torch dtype")
+    if type(offset) is not int or not 0 <= offset < _MAX_DIM:
+        raise ProtocolError(f"{what}.storage_offset must be a non-negative int")
+    return (
+        str(dtype),
+        _dims(shape, what, "shape"),
+        _dims(stride, what, "stride"),
+        offset,
+    )
+
+
+def _dims(value: object, what: str, name: str) -> tuple[int, ...]:
+    if not isinstance(value, tuple) or not 0 < len(value) <= _MAX_DIMS:
+        raise ProtocolError(f"{what}.{name} must be a tuple of 1..{_MAX_DIMS}")
+    if not all(type(d) is int and 0 <= d < _MAX_DIM for d in value):
+        raise ProtocolError(f"{what}.{name} must hold non-negative ints")
+    return value
+
+
+def _device_uuid(state: dict[str, Any], what: str) -> str:
+    uuid = state.get("device_uuid")
+    if not isinstance(uuid, str) or not uuid or len(uuid) > _MAX_UUID:
+        raise ProtocolError(f"{what}.device_uuid must be a short string")
+    return uuid
+
+
+def _cuda_ipc_ref_04(state: dict[str, Any]) -> CudaTensorRef:
+    what = "CudaIPCWrapper"
+    handle = state.get("handle")
+    if not isinstance(handle, tuple) or len(handle) != 8:
+        raise ProtocolError(f"{what}.handle must be the 8-tuple of _share_cuda_")
+    if not all(_scalar(v) for v in handle):
+        raise ProtocolError(f"{what}.handle holds ints, bytes and bools only")
+    dtype, shape, stride, offset = _view(state, what)
+    uuid = _device_uuid(state, what)
+    device, storage_bytes = handle[0], handle[2]
+    if type(device) is not int or not 0 <= device < 1024:
+        raise ProtocolError(f"{what}: CUDA device index {device!r} out of range")
+    if type(storage_bytes) is not int:
+        raise ProtocolError(f"{what}: storage size must be an int")
+    _, end = view_bytes(dtype, shape, stride, offset)
+    if end > storage_bytes:
+        raise ProtocolError(
+            f"{what}: view ends at byte {end}, past its {storage_bytes}-byte storage"
+        )
+    return CudaTensorRef(
+        handle=handle,
+        dtype=dtype,
+        shape=shape,
+        device=None,
+        device_uuid=uuid,
+        stride=stride,
+        storage_offset=offset,
+    )
+
+
+def _raw_cuda_ipc(state: dict[str, Any]) -> TensorRef:
+    what = "RawCudaIPCWrapper"
+    if not isinstance(state.get("_ipc_handle_reserved"), bytes):
+        raise ProtocolError(f"{what}._ipc_handle_reserved must be bytes")
+    if type(state.get("_nbytes")) is not int:
+        raise ProtocolError(f"{what}._nbytes must be an int")
+    _view(state, what)
+    _device_uuid(state, what)
+    raise UnsupportedDescriptor(
+        "cuda_raw",
+        "RawCudaIPCWrapper (driver IPC handles of buffers torch did not "
+        "allocate, TRT-LLM's) is not supported; lmcd maps torch's CUDA IPC "
+        "(CudaIPCWrapper) and CPU shared memory (CpuShmTensorWrapper)",
+    )
+
+
+def _cpu_shm_ref(state: dict[str, Any]) -> HostTensorRef:
+    what = "CpuShmTensorWrapper"
+    if state.get("handle") is not None:
+        raise ProtocolError(f"{what}.handle must be None")
+    name = state.get("shm_name")
+    nbytes = state.get("nbytes")
+    if not isinstance(name, str):
+        raise ProtocolError(f"{what}.shm_name must be a string")
+    if type(nbytes) is not int or nbytes < 0:
+        raise ProtocolError(f"{what}.nbytes must be a non-negative int")
+    dtype, shape, stride, offset = _view(state, what)
+    if state.get("device_uuid") != "cpu":
+        raise ProtocolError(f"{what}.device_uuid must be 'cpu'")
+    return shm_tensor(name, nbytes, dtype, shape, stride, offset)
+
+
+_CUSTOM_TYPES = "lmcache.v1.multiprocess.custom_types"
+CUDA_IPC_WRAPPER_04 = WrapperClass(
+    module=_CUSTOM_TYPES,
+    name="CudaIPCWrapper",
+    fields=_VIEW_FIELDS | {"device_uuid"},
+    convert=_cuda_ipc_ref_04,
+)
+RAW_CUDA_IPC_WRAPPER_04 = WrapperClass(
+    module=_CUSTOM_TYPES,
+    name="RawCudaIPCWrapper",
+    fields=_VIEW_FIELDS | {"device_uuid", "_ipc_handle_reserved", "_nbytes"},
+    convert=_raw_cuda_ipc,
+)
+CPU_SHM_TENSOR_WRAPPER_04 = WrapperClass(
+    module="lmcache.v1.platform.cpu.shm",
+    name="CpuShmTensorWrapper",
+    fields=_VIEW_FIELDS | {"device_uuid", "shm_name", "nbytes"},
+    convert=_cpu_shm_ref,
+)
+_ALLOWED_04 = allowed_globals(
+    [CUDA_IPC_WRAPPER_04, RAW_CUDA_IPC_WRAPPER_04, CPU_SHM_TENSOR_WRAPPER_04]
+)
+
+
+def load_wrapper_04(data: bytes) -> TensorRef:
+    """Decode a pickled lmcache 0.4.x tensor wrapper: a `CudaIPCWrapper`
+    into a `CudaTensorRef` (with its view), a `CpuShmTensorWrapper` into a
+    `HostTensorRef` on its `/dev/shm` segment.
+
+    Raises `UnsupportedDescriptor` for a well-formed `RawCudaIPCWrapper`
+    and `ProtocolError` for anything that is not exactly one of these
+    wrappers, before any object other than the stand-ins is built.
+    """
+    return load_wrapper(data, _ALLOWED_04, "lmcache 0.4 tensor wrapper")
