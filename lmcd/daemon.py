@@ -6,6 +6,7 @@
                                  |-- handlers   inline control plane, a task per copy
                                  |-- scheduler  in-flight copies and completions
                                  |-- pools      engine-driven workers' shm pools
+                                 |-- tiers      disk and remote tiers (optional)
                                  `-- storage    index, locks, LRU over a tier
 
 Shutdown (SIGINT/SIGTERM): answer what the socket already holds (control
@@ -35,12 +36,29 @@ from lmcd.listener import Listener
 from lmcd.lookups import LookupJobs, Sessions
 from lmcd.scheduler import TransferScheduler
 from lmcd.storage import StorageManager
+from lmcd.tiering import Policy, Registrations, Tiering
 from lmcd.tokens import TokenHasher
 from lmcd.wire.detect import DialectRouter
 from lmcd.wire.registry import dialects_for
-from lmcd_backends.pinned_cpu import PinnedCpuTier
+from lmcd_backends.pinned_cpu import (
+    PinnedCpuTier,
+    SegmentPreparer,
+    available_memory,
+    preallocate,
+)
 
 log = logging.getLogger(__name__)
+
+
+def _one_torch_thread() -> None:
+    """Copies run in lmcd's own worker threads (`--max-workers`) next to
+    segment preparation. torch's intra-op threads on top of them only
+    compete for the cores, and under contention their barriers stall a copy
+    for tens of milliseconds (measured: a first fill at 0.27 GB/s with
+    torch's default threads, 3.4 GB/s with one, on a loaded 2-core VM)."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @attrs.define(slots=True, eq=False)
@@ -53,10 +71,21 @@ class Daemon:
     pools: EnginePools = attrs.field(init=False)
     handlers: Handlers = attrs.field(init=False)
     listener: Listener = attrs.field(init=False)
+    tiers: Tiering | None = attrs.field(default=None, init=False)
+    registrations: Registrations | None = attrs.field(default=None, init=False)
+    preparer: SegmentPreparer = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         cfg = self.config
-        tier = PinnedCpuTier(cfg.buffer_bytes, segment_bytes=cfg.segment_bytes)
+        # Segments are prepared in worker threads (the preparer, or all at
+        # start-up): a STORE never waits for memory on the Trio thread.
+        tier = PinnedCpuTier(
+            cfg.buffer_bytes,
+            segment_bytes=cfg.segment_bytes,
+            grow_inline=False,
+            lead_bytes=cfg.lead_bytes,
+        )
+        self.preparer = SegmentPreparer(tier)
         self.storage = StorageManager(
             tier=tier, clock=time.monotonic, lock_ttl=cfg.lock_ttl
         )
@@ -91,6 +120,73 @@ class Daemon:
             extra_stats=self._extra_stats,
             pools=self.pools,
         )
+        self._make_tiers()
+
+    def _make_tiers(self) -> None:
+        """The disk and remote tiers and the remembered registrations, as
+        configured. Raises `ConfigError` for settings a tier refuses."""
+        cfg = self.config
+        disk = remote = None
+        if cfg.disk_path is not None:
+            from lmcd_backends.disk import DiskTier
+
+            try:
+                disk = DiskTier(
+                    cfg.disk_path,
+                    cfg.disk_bytes,
+                    threads=cfg.disk_threads,
+                    direct=cfg.direct_io,
+                    fsync=cfg.disk_fsync,
+                )
+            except ValueError as e:
+                raise ConfigError(f"--disk-path/--disk-size: {e}") from e
+        if cfg.remote is not None:
+            from lmcd_backends.remote import tier_from_env
+
+            remote = tier_from_env(
+                cfg.remote,
+                prefix=cfg.remote_prefix,
+                mode=cfg.remote_mode,
+                ttl=cfg.remote_ttl,
+                timeout=cfg.remote_timeout,
+                lookup_timeout=cfg.remote_lookup_timeout,
+                username=cfg.remote_username,
+                tls_ca_file=cfg.remote_tls_ca_file,
+                tls_cert_file=cfg.remote_tls_cert_file,
+                tls_key_file=cfg.remote_tls_key_file,
+                tls_server_name=cfg.remote_tls_server_name,
+                tls_verify=cfg.remote_tls_verify,
+            )
+        if disk is not None or remote is not None:
+            self.tiers = Tiering(
+                self.storage,
+                disk,
+                remote,
+                policy=Policy(cfg.disk_policy),
+                high_water=cfg.disk_high_water,
+                promotion_timeout=cfg.promotion_timeout,
+                remote_queue=cfg.remote_queue,
+                layouts=self._layouts,
+                demotion_batch=cfg.disk_threads,
+            )
+            self.storage.on_commit = self.tiers.on_commit
+            self.handlers.tiers = self.tiers
+        state = cfg.registrations_dir
+        if state is not None:
+            self.registrations = Registrations(state)
+            self.scheduler.on_registration = self.registrations.changed
+
+    def _layouts(self) -> list[tuple[str | None, int | None, str, int]]:
+        size = self.config.chunk_size
+        shapes: list[tuple[str | None, int | None, str, int]] = [
+            (i.model_name, i.world_size, i.layout.tag, i.layout.chunk_bytes(size))
+            for i in self.scheduler.instances()
+        ]
+        shapes += [
+            (p.model_name, p.world_size, p.layout.tag, p.chunk_bytes)
+            for p in self.pools.instances()
+        ]
+        return shapes
 
     def _on_message(self, identity: bytes, frames: list[bytes]) -> None:
         self.handlers.on_message(identity, frames)
@@ -99,9 +195,15 @@ class Daemon:
         self.handlers.on_oversized(identity, frames, what)
 
     def _extra_stats(self) -> dict[str, object]:
+        tier = self.preparer.tier
         ls = self.listener.statistics()
         return {
-            "pinned_memory": bool(getattr(self.storage.tier, "pinned", False)),
+            "tiers": {} if self.tiers is None else self.tiers.statistics(),
+            "pinned_memory": tier.pinned,
+            "segment_bytes": self.config.segment_bytes,
+            "preparing_bytes": tier.preparing_bytes,
+            "buffer_outruns": tier.outruns,
+            "buffer_prepare_failures": tier.prepare_failures,
             "busy_workers": self.scheduler.busy_workers,
             "max_workers": self.config.max_workers,
             "pending_replies": ls.queued_replies,
@@ -127,25 +229,31 @@ class Daemon:
 
         Raises `ConfigError` when the address cannot be bound.
         """
+        self._check_memory()
+        _one_torch_thread()
         endpoint = self.listener.bind()
         if self.config.disable_lazy_alloc:
-            tier = self.storage.tier
-            assert isinstance(tier, PinnedCpuTier)
-            log.info(
-                "Allocating the whole %.2f GiB buffer now", self.config.cpu_buffer_size
-            )
             try:
-                await trio.to_thread.run_sync(tier.preallocate)
-            except MemoryError as e:
+                await self._preallocate()
+            except BaseException:
                 self.listener.close()
-                raise ConfigError(str(e)) from e
+                raise
         # Signals are caught from here on, so that one arriving during
         # start-up still means a clean shutdown rather than a traceback.
         signals = trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
         try:
             with signals as received:
                 async with trio.open_nursery() as nursery:
+                    if not self.config.disable_lazy_alloc:
+                        await nursery.start(self.preparer.run)
                     await nursery.start(self.scheduler.run)
+                    if self.tiers is not None:
+                        # Opens the disk tier and seeds its index: hits from
+                        # disk are served from the first request on.
+                        await nursery.start(self.tiers.run)
+                    if self.registrations is not None:
+                        await nursery.start(self.registrations.run)
+                        await self.registrations.restore(self.scheduler.register)
                     await nursery.start(self.pools.serve)
                     await nursery.start(self.handlers.run)
                     await nursery.start(self.listener.run)
@@ -178,6 +286,47 @@ class Daemon:
         finally:
             self.listener.close()
             log.info("lmcd stopped")
+
+    def _check_memory(self) -> None:
+        """Refuse a buffer larger than the memory available (ConfigError),
+        unless --allow-overcommit, which turns that into a warning: a buffer
+        the machine cannot back ends in the OOM killer, not in an error."""
+        cfg = self.config
+        available = available_memory()
+        if available is None or cfg.buffer_bytes <= available[0]:
+            return
+        message = (
+            f"--cpu-buffer-size {cfg.cpu_buffer_size:g} GiB is more than the "
+            f"{available[0] / (1 << 30):.1f} GiB of memory available "
+            f"({available[1]})"
+        )
+        if not cfg.allow_overcommit:
+            raise ConfigError(
+                f"{message}; lower it, or pass --allow-overcommit to start anyway"
+            )
+        log.warning("%s; starting anyway (--allow-overcommit)", message)
+
+    async def _preallocate(self) -> None:
+        """--disable-lazy-alloc: obtain and commit (populate, or pin) the
+        whole buffer in worker threads, or raise ConfigError."""
+        tier = self.storage.tier
+        assert isinstance(tier, PinnedCpuTier)
+        gib = tier.capacity / (1 << 30)
+        kind = "pinned" if tier.pinned else "host"
+        log.info("Allocating and committing the whole %.2f GiB %s buffer", gib, kind)
+        started = time.perf_counter()
+        try:
+            await preallocate(tier, workers=min(8, os.cpu_count() or 1))
+        except MemoryError as e:
+            raise ConfigError(
+                f"--disable-lazy-alloc: cannot allocate the {gib:.2f} GiB buffer: {e}"
+            ) from None
+        log.info(
+            "Allocated and committed %.2f GiB of %s memory in %.1f s",
+            gib,
+            kind,
+            time.perf_counter() - started,
+        )
 
     async def _reap_silent_workers(self) -> None:
         """Close the registrations of heartbeat clients (lmcache 0.4+) that

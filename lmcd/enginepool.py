@@ -65,7 +65,7 @@ from typing import Any, Literal
 import attrs
 import trio
 
-from lmcd.errors import ProtocolError, RegistrationError, TransferError
+from lmcd.errors import ProtocolError, RegistrationError, TierError, TransferError
 from lmcd.lookups import Sessions
 from lmcd.storage import Pin, Reservation, StorageManager
 from lmcd.transfer.host import SHM_ROOT
@@ -778,7 +778,7 @@ class EnginePools:
             reservation = self.storage.reserve(
                 keys, instance.chunk_bytes, instance.layout.tag
             )
-        except ValueError as e:
+        except (ValueError, TierError) as e:  # TierError: memory refused
             raise TransferError(str(e)) from e
         entries = reservation.entries
         slots: list[Extent] = []

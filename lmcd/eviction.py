@@ -8,7 +8,7 @@ use, so a policy never has to skip anything. No trio, zmq or torch here.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from typing import Protocol
 
 import attrs
@@ -27,6 +27,11 @@ class EvictionPolicy(Protocol):
 
     def victim(self) -> Hashable | None:
         """The key to evict next (it stays tracked until discarded), or None."""
+        ...
+
+    def __iter__(self) -> Iterator[Hashable]:
+        """Every tracked key, the next victim first (for a caller that must
+        skip some; the policy must not change while it is iterated)."""
         ...
 
     def __len__(self) -> int: ...
@@ -50,6 +55,9 @@ class LRUPolicy:
 
     def victim(self) -> Hashable | None:
         return next(iter(self._order), None)
+
+    def __iter__(self) -> Iterator[Hashable]:
+        return iter(self._order)
 
     def __len__(self) -> int:
         return len(self._order)

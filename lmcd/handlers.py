@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -22,18 +22,21 @@ import trio
 from lmcd import __version__
 from lmcd.enginepool import EnginePools, PoolJob
 from lmcd.errors import LmcdError, ProtocolError, RegistrationError, TransferError
-from lmcd.lookups import LookupJobs, Sessions
+from lmcd.lookups import LookupJob, LookupJobs, Sessions
 from lmcd.ratelog import RateLimitedLog
 from lmcd.scheduler import RetrieveJob, StoreJob, TransferScheduler
 from lmcd.storage import StorageManager
+from lmcd.tiering import LocalLookup, Promotion, Tiering
 from lmcd.wire import Dialect, Message, Unsupported, parse
 from lmcd.wire.detect import Ambiguous, DialectRouter
 from lmcd.wire.types import (
     MAX_EXPANDED_KEYS,
+    CacheKey,
     Capabilities,
     Clear,
     CommitRetrieve,
     CommitStore,
+    DropChunks,
     EndSession,
     FreeLookupLocks,
     GetChunkSize,
@@ -47,6 +50,7 @@ from lmcd.wire.types import (
     RegisterPool,
     ReportBlockAllocation,
     Request,
+    ResetStats,
     Retrieve,
     RetrieveSpan,
     StartLookup,
@@ -62,6 +66,21 @@ from lmcd.wire.types import (
 log = logging.getLogger(__name__)
 
 Send = Callable[[list[bytes]], None]
+
+
+@attrs.frozen
+class Later:
+    """A control-plane answer that has to wait (a lower tier's round trip, a
+    lookup job still promoting): awaited in a task of its own, then sent."""
+
+    answer: Callable[[], Awaitable[object]]
+
+
+@attrs.frozen
+class _AfterPromotion:
+    """A RETRIEVE admitted once the promotions of its chunks are done."""
+
+    promotions: list[Promotion]
 
 
 @attrs.define(slots=True)
@@ -92,7 +111,11 @@ class Handlers:
     counters: Counters = attrs.field(factory=Counters)
     extra_stats: Callable[[], dict[str, Any]] = lambda: {}
     pools: EnginePools | None = None
+    # Disk and remote tiers (lmcd.tiering), when configured.
+    tiers: Tiering | None = None
     _nursery: trio.Nursery | None = None
+    # Lookup jobs still promoting, by request id (set when they finish).
+    _job_done: dict[str, trio.Event] = attrs.field(factory=dict)
     _inflight: int = 0
     _log_limit: RateLimitedLog = attrs.field(factory=lambda: RateLimitedLog(log))
     _idle: trio.Event = attrs.field(factory=trio.Event)
@@ -167,8 +190,12 @@ class Handlers:
             # Copies are admitted here, in arrival order (validated, memory
             # reserved or pinned, counted in flight), before their task runs:
             # an UNREGISTER that arrives after a STORE then waits for it.
+            # A RETRIEVE of chunks coming up from a lower tier is admitted
+            # once they have arrived.
             try:
-                job = self._admit(request)
+                job: StoreJob | RetrieveJob | PoolJob | _AfterPromotion | None
+                waits = self._promotions_for(request)
+                job = _AfterPromotion(waits) if waits else self._admit(request)
             except (TransferError, ValueError) as e:
                 self._fail(identity, dialect, message, request, f"{name} failed: {e}")
                 return
@@ -178,13 +205,7 @@ class Handlers:
                     identity, dialect, message, request, f"{name} internal error"
                 )
                 return
-            assert self._nursery is not None
-            if not self._inflight:
-                self._idle = trio.Event()
-            self._inflight += 1
-            self._nursery.start_soon(
-                self._data_plane, identity, dialect, message, request, job
-            )
+            self._spawn(identity, dialect, message, request, job)
             return
         try:
             value = self._control_plane(request)
@@ -195,7 +216,27 @@ class Handlers:
             log.exception("%s crashed", name)
             self._fail(identity, dialect, message, request, f"{name} internal error")
             return
+        if isinstance(value, Later):
+            self._spawn(identity, dialect, message, request, value)
+            return
         self.send([identity, *dialect.encode(message, request, value)])
+
+    def _spawn(
+        self,
+        identity: bytes,
+        dialect: Dialect,
+        message: Message,
+        request: Request,
+        job: StoreJob | RetrieveJob | PoolJob | _AfterPromotion | Later | None,
+    ) -> None:
+        """Serve `request` in a task of its own (counted in flight)."""
+        assert self._nursery is not None
+        if not self._inflight:
+            self._idle = trio.Event()
+        self._inflight += 1
+        self._nursery.start_soon(
+            self._data_plane, identity, dialect, message, request, job
+        )
 
     def _fail(
         self,
@@ -253,6 +294,8 @@ class Handlers:
 
     def _control_plane(self, request: Request) -> object:
         if isinstance(request, Lookup):
+            if self.tiers is not None:
+                return self._tiered_lookup(request)
             return self.storage.lookup(request.keys, request.lock)
         if isinstance(request, Noop):
             return "OK"
@@ -260,19 +303,36 @@ class Handlers:
             return self.chunk_size
         if isinstance(request, Clear):
             dropped = self.storage.clear(force=request.force)
+            if self.tiers is not None:
+                dropped += self.tiers.clear()
             log.info("Cleared %d chunks", dropped)
             return None
         if isinstance(request, Stats):
             return self.stats()
+        if isinstance(request, DropChunks):
+            dropped = self.storage.clear(force=False, model=request.model)
+            which = "" if request.model is None else f" of model {request.model!r}"
+            log.info("Dropped %d chunks%s (DROP)", dropped, which)
+            return dropped
+        if isinstance(request, ResetStats):
+            self.storage.reset_counters()
+            self.counters = Counters()
+            log.info("Statistics counters reset (RESET_STATS)")
+            return True
         if isinstance(request, StartLookup):
             self._start_lookup(request.span)
             return None
         if isinstance(request, QueryLookup):
-            # Lookup jobs finish as they start (every tier answers from
-            # memory), so a wait never has anything to wait for.
             if request.peek:
+                # lmcache 0.4's QUERY_PREFETCH_LOOKUP_HITS: the count without
+                # collecting the job (None while it runs).
                 job = self.jobs.get(request.request_id)
                 return 0 if job is None else job.hits
+            # A job finishes as it starts unless it promotes chunks from a
+            # lower tier; a wait for such a one waits in a task.
+            done = self._job_done.get(request.request_id)
+            if done is not None and request.wait and not done.is_set():
+                return Later(lambda: self._wait_job(request, done))
             return self.jobs.collect(request.request_id)
         if isinstance(request, FreeLookupLocks):
             self._free_lookup_locks(request.span)
@@ -295,6 +355,57 @@ class Handlers:
             return self._pools().commit_retrieve(request)
         # -- end of engine-driven pools --
         raise ProtocolError(f"no control-plane handler for {request!r}")
+
+    # -- lower tiers (lmcd.tiering) ---------------------------------------------
+
+    def _tiered_lookup(self, request: Lookup) -> object:
+        """A 0.3 LOOKUP over the tiers: answered at once from memory (disk
+        hits promoted in the background, RETRIEVE waits for them), or in a
+        task when keys the local tiers miss must be asked of the remote
+        tier."""
+        tiers = self.tiers
+        assert tiers is not None
+        local = tiers.lookup(request.keys, request.lock)
+        if local.remote:
+            return Later(lambda: tiers.settle(request.keys, local, request.lock))
+        if request.lock:
+            tiers.settle_soon(request.keys, local)
+        return local.hits
+
+    async def _wait_job(self, request: QueryLookup, done: trio.Event) -> object:
+        with trio.move_on_after(request.wait or 0):
+            await done.wait()
+        return self.jobs.collect(request.request_id)
+
+    async def _settle_job(
+        self, job: LookupJob, span: TokenSpan, keys: list[TokenKey], local: LocalLookup
+    ) -> None:
+        tiers = self.tiers
+        assert tiers is not None
+        done = self._job_done[span.request_id]
+        hits = 0
+        try:
+            hits = await tiers.settle(keys, local, True, span.readers)
+        finally:
+            if self.jobs.get(span.request_id) is job:
+                job.hits = hits
+                self.sessions.get(span.request_id).lookup_hits = hits
+            done.set()
+            if self._job_done.get(span.request_id) is done:
+                del self._job_done[span.request_id]
+
+    def _promotions_for(self, request: Request) -> list[Promotion]:
+        """What a RETRIEVE must wait for: its chunks' promotions."""
+        if self.tiers is None or not isinstance(request, Retrieve | RetrieveSpan):
+            return []
+        if isinstance(request, RetrieveSpan):
+            try:
+                keys: tuple[CacheKey, ...] = self._span_retrieve(request).keys
+            except LmcdError:
+                return []  # admitted at once, and refused there
+        else:
+            keys = request.keys
+        return self.tiers.before_retrieve(keys)
 
     def _pools(self) -> EnginePools:
         if self.pools is None:
@@ -326,6 +437,19 @@ class Handlers:
             TokenKey(span.model_name, span.world_size, span.worker_id, h, span.salt)
             for h in hashes
         ]
+        if self.tiers is not None:
+            self._job_done.pop(span.request_id, None)
+            local = self.tiers.lookup(keys, True, span.readers)
+            session.lookup_hits = local.hits
+            if local.pending and self._nursery is not None:
+                # Finished once its promotions are: with the count of the
+                # chunks that really arrived.
+                job.hits = None
+                self._job_done[span.request_id] = trio.Event()
+                self._nursery.start_soon(self._settle_job, job, span, keys, local)
+            else:
+                job.hits = local.hits
+            return
         job.hits = session.lookup_hits = self.storage.lookup(
             keys, True, readers=span.readers
         )
@@ -350,13 +474,16 @@ class Handlers:
         ]
         self.storage.release(keys, span.readers)
 
-    def _span_store(self, request: StoreSpan) -> Store:
-        """The chunk-addressed STORE of a token-addressed one: its chunks'
-        keys and block ids, chunks made only of null blocks left out."""
+    def _span_chunks(
+        self, request: StoreSpan | RetrieveSpan
+    ) -> tuple[list[TokenKey], tuple[int, ...], int]:
+        """The keys of a token-addressed copy's chunks, its block ids and
+        the blocks per chunk; raises `TransferError` for a span without a
+        rank or too few block ids."""
         instance = self.scheduler.instance(request.instance_id)
         span = request.span
         if span.worker_id is None:
-            raise TransferError("store keys must name a worker (rank)")
+            raise TransferError("store and retrieve keys must name a worker (rank)")
         keys = self.sessions.keys(span)
         ids = _single_group(request.block_ids)
         per = instance.blocks_per_chunk
@@ -364,6 +491,12 @@ class Handlers:
             raise TransferError(
                 f"{len(ids)} block ids for {len(keys)} chunks of {per} blocks"
             )
+        return keys, ids, per
+
+    def _span_store(self, request: StoreSpan) -> Store:
+        """The chunk-addressed STORE of a token-addressed one: its chunks'
+        keys and block ids, chunks made only of null blocks left out."""
+        keys, ids, per = self._span_chunks(request)
         kept: list[TokenKey] = []
         blocks: list[int] = []
         for i, key in enumerate(keys):
@@ -375,17 +508,7 @@ class Handlers:
 
     def _span_retrieve(self, request: RetrieveSpan) -> Retrieve:
         """The chunk-addressed RETRIEVE of a token-addressed one."""
-        instance = self.scheduler.instance(request.instance_id)
-        span = request.span
-        if span.worker_id is None:
-            raise TransferError("retrieve keys must name a worker (rank)")
-        keys = self.sessions.keys(span)
-        ids = _single_group(request.block_ids)
-        per = instance.blocks_per_chunk
-        if len(ids) < len(keys) * per:
-            raise TransferError(
-                f"{len(ids)} block ids for {len(keys)} chunks of {per} blocks"
-            )
+        keys, ids, per = self._span_chunks(request)
         return Retrieve(
             tuple(keys),
             request.instance_id,
@@ -439,11 +562,16 @@ class Handlers:
         dialect: Dialect,
         message: Message,
         request: Request,
-        job: StoreJob | RetrieveJob | PoolJob | None,
+        job: StoreJob | RetrieveJob | PoolJob | _AfterPromotion | Later | None,
     ) -> None:
         name = type(request).__name__
         try:
-            value = await self._serve_data(request, job)
+            if isinstance(job, Later):
+                value = await job.answer()
+            elif isinstance(job, _AfterPromotion):
+                value = await self._retrieve_after_promotion(request, job)
+            else:
+                value = await self._serve_data(request, job)
         except (TransferError, RegistrationError, ValueError) as e:
             self._fail(identity, dialect, message, request, f"{name} failed: {e}")
             return
@@ -456,6 +584,18 @@ class Handlers:
             if not self._inflight:
                 self._idle.set()
         self.send([identity, *dialect.encode(message, request, value)])
+
+    async def _retrieve_after_promotion(
+        self, request: Request, waiting: _AfterPromotion
+    ) -> object:
+        tiers = self.tiers
+        assert tiers is not None
+        try:
+            await tiers.wait(waiting.promotions)
+            job = self._admit(request)
+        finally:
+            tiers.after_retrieve(waiting.promotions)
+        return await self._serve_data(request, job)
 
     async def _serve_data(
         self, request: Request, job: StoreJob | RetrieveJob | PoolJob | None

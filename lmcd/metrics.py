@@ -59,10 +59,52 @@ GAUGES = {
     "pending_replies": "Replies queued for clients that do not read them",
     "parked_clients": "Clients whose replies are queued",
 }
+# STATS fields whose metric follows Prometheus' unit naming instead.
+METRIC_NAMES = {"uptime_s": "lmcd_uptime_seconds"}
 # Per-model series: the largest models by bytes, the rest summed as "other",
 # so that clients inventing model names cannot grow the scrape without bound.
 MAX_MODEL_SERIES = 20
 OTHER_MODELS = "other"
+
+
+# Per tier (label `tier`: cpu, disk, remote), from STATS' "tiers" map; a
+# figure a tier does not have is left out for it.
+TIER_COUNTERS = {
+    "hits": "Chunks lookups found only in this tier",
+    "promotions": "Chunks copied from this tier into the CPU buffer",
+    "promotion_failures": "Chunks that failed to read or verify (served as misses)",
+    "demotions": "Chunks written to this tier",
+    "demotion_failures": "Chunks that failed to be written to this tier",
+    "dropped_writes": "Chunks not written: queue full",
+    "evicted_before_written": "Chunks evicted from CPU before reaching this tier",
+    "deletions": "Chunks deleted from this tier (its LRU order, CLEAR)",
+    "read_bytes": "Payload bytes read from this tier",
+    "written_bytes": "Payload bytes written to this tier",
+    "read_failures": "Reads that failed (I/O error or verification)",
+    "verify_failures": "Reads that failed verification",
+}
+TIER_GAUGES = {
+    "capacity_bytes": "Tier capacity (0: unknown)",
+    "used_bytes": "Tier bytes in use",
+    "chunks": "Chunks held by the tier (0 for a shared cluster: unknown)",
+    "queue_depth": "Chunk copies queued or running",
+    "healthy": "1 when the tier serves, 0 when not",
+}
+
+
+def _tier_metrics(tiers: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+    for name, doc in TIER_COUNTERS.items():
+        family = CounterMetricFamily(f"lmcd_tier_{name}", doc, labels=["tier"])
+        for tier, figures in tiers.items():
+            if name in figures:
+                family.add_metric([tier], figures[name])
+        yield family
+    for name, doc in TIER_GAUGES.items():
+        gauge = GaugeMetricFamily(f"lmcd_tier_{name}", doc, labels=["tier"])
+        for tier, figures in tiers.items():
+            if name in figures:
+                gauge.add_metric([tier], float(figures[name]))
+        yield gauge
 
 
 class StatsCollector(Collector):
@@ -83,7 +125,8 @@ class StatsCollector(Collector):
                 yield CounterMetricFamily(f"lmcd_{name}", doc, value=s[name])
         for name, doc in GAUGES.items():
             if name in s:
-                yield GaugeMetricFamily(f"lmcd_{name}", doc, value=s[name])
+                metric = METRIC_NAMES.get(name, f"lmcd_{name}")
+                yield GaugeMetricFamily(metric, doc, value=s[name])
         chunks = GaugeMetricFamily(
             "lmcd_model_chunks", "Chunks per model", labels=["model"]
         )
@@ -100,6 +143,9 @@ class StatsCollector(Collector):
         yield GaugeMetricFamily(
             "lmcd_instances", "Registered KV caches", value=len(s["instances"])
         )
+        tiers = s.get("tiers")
+        if tiers:
+            yield from _tier_metrics(tiers)
 
 
 def model_series(

@@ -1,12 +1,14 @@
 """The transfer scheduler: owns registered KV caches and every in-flight copy.
 
 It runs on the Trio thread. A STORE reserves chunks in the storage manager,
-hands the copy plan (block ids and reserved buffers) to a worker thread
-behind a `CapacityLimiter(max_workers)`, and commits the chunks only once
-the copy has finished — for the CUDA path, once the recorded event has
-completed, polled here without blocking Trio. A RETRIEVE pins its chunks for
-the copy and unpins (releasing lookup locks) when it is done. Workers never
-touch the index.
+hands the copy plan (block ids and reserved buffers) to the instance's
+`Copier`, which issues the copy (worker threads behind a
+`CapacityLimiter(max_workers)`) and returns a `Completion`. One code path
+then settles every copy, whatever its kind (`_copy`, `_settle`): commit when
+the completion's `wait()` returns, abort when it fails or is cancelled, and
+only then count the copy as ended, which UNREGISTER waits for. A RETRIEVE
+pins its chunks for the copy and unpins (releasing lookup locks only when
+the copy completed) the same way. Workers never touch the index.
 """
 
 from __future__ import annotations
@@ -15,15 +17,16 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Literal, Protocol
 
 import attrs
 import trio
 
-from lmcd.errors import LmcdError, RegistrationError, TransferError
+from lmcd.errors import LmcdError, RegistrationError, TierError, TransferError
 from lmcd.storage import Pin, Reservation, StorageManager
 from lmcd.transfer import cuda, host
+from lmcd.transfer.completion import Completion, Finished
 from lmcd.transfer.layouts import KVLayout, chunk_block_ids
 from lmcd.wire.types import (
     CacheKey,
@@ -37,9 +40,109 @@ from lmcd.wire.types import (
 
 log = logging.getLogger(__name__)
 
-# How often an unfinished CUDA event is polled (seconds, doubling to the max).
-_POLL_MIN = 0.0002
-_POLL_MAX = 0.005
+Chunks = Sequence[tuple[Sequence[int], Any]]
+
+
+class Copier(Protocol):
+    """Issues the copies of one kind of KV cache.
+
+    `chunks` is `[(block_ids, uint8 buffer)]`; each method returns once the
+    copy is issued (the host path: done) and raises `LmcdError`,
+    `RuntimeError`, `ValueError` or `OSError` when it cannot be.
+    """
+
+    async def store(
+        self,
+        kv: Any,
+        event_handle: bytes,
+        chunks: Chunks,
+        chunk_tokens: int,
+        limiter: trio.CapacityLimiter,
+    ) -> Completion:
+        """Copy each chunk's blocks out of `kv` into its buffer."""
+        ...
+
+    async def retrieve(
+        self,
+        kv: Any,
+        event_handle: bytes,
+        chunks: Chunks,
+        chunk_tokens: int,
+        limiter: trio.CapacityLimiter,
+        skip: Sequence[int] = (),
+    ) -> Completion:
+        """Copy each chunk's buffer into its blocks of `kv`; `skip[i]` (when
+        given) is chunk i's first token to write."""
+        ...
+
+
+@attrs.frozen
+class HostCopier:
+    """`/dev/shm` KV caches: the copy runs in worker threads; their result
+    is the completion (`Finished`: no device event)."""
+
+    async def store(
+        self,
+        kv: Any,
+        event_handle: bytes,
+        chunks: Chunks,
+        chunk_tokens: int,
+        limiter: trio.CapacityLimiter,
+    ) -> Completion:
+        await trio.to_thread.run_sync(host.gather, kv, chunks, limiter=limiter)
+        return Finished()
+
+    async def retrieve(
+        self,
+        kv: Any,
+        event_handle: bytes,
+        chunks: Chunks,
+        chunk_tokens: int,
+        limiter: trio.CapacityLimiter,
+        skip: Sequence[int] = (),
+    ) -> Completion:
+        await trio.to_thread.run_sync(host.scatter, kv, chunks, skip, limiter=limiter)
+        return Finished()
+
+
+@attrs.frozen
+class CudaCopier:
+    """CUDA IPC KV caches: a worker thread issues the stream work; the
+    completion is the recorded interprocess event (`EventCompletion`)."""
+
+    async def store(
+        self,
+        kv: Any,
+        event_handle: bytes,
+        chunks: Chunks,
+        chunk_tokens: int,
+        limiter: trio.CapacityLimiter,
+    ) -> Completion:
+        return await trio.to_thread.run_sync(
+            cuda.store, kv, event_handle, chunks, chunk_tokens, limiter=limiter
+        )
+
+    async def retrieve(
+        self,
+        kv: Any,
+        event_handle: bytes,
+        chunks: Chunks,
+        chunk_tokens: int,
+        limiter: trio.CapacityLimiter,
+        skip: Sequence[int] = (),
+    ) -> Completion:
+        return await trio.to_thread.run_sync(
+            cuda.retrieve,
+            kv,
+            event_handle,
+            chunks,
+            chunk_tokens,
+            skip,
+            limiter=limiter,
+        )
+
+
+COPIERS: dict[str, Copier] = {"host": HostCopier(), "cuda": CudaCopier()}
 
 
 class EngineRegistry(Protocol):
@@ -77,6 +180,11 @@ class Instance:
     inflight: int = 0
     closing: bool = False
     idle: trio.Event = attrs.field(factory=trio.Event)
+    copier: Copier = attrs.field()
+
+    @copier.default
+    def _copier_of_kind(self) -> Copier:
+        return COPIERS[self.kind]
 
     @property
     def layout(self) -> KVLayout:
@@ -119,6 +227,10 @@ class RetrieveJob:
     pin: Pin
     chunks: list[tuple[Sequence[int], Any]]
     started: float
+    # The first token to write of each chunk in `chunks` (empty: all of
+    # them): the request's skipped tokens. Pinned chunks that are skipped
+    # whole are not in `chunks` but count as retrieved.
+    skip: list[int] = attrs.field(factory=list)
 
 
 @attrs.define(slots=True)
@@ -134,6 +246,10 @@ class TransferScheduler:
     # Shared-memory files held open at once, over all registrations (each is
     # a descriptor); None: `host.default_file_limit()`.
     shm_file_limit: int | None = None
+    # Told of every registration that opened (its request) and every one
+    # that closed (None), so they can be remembered across a restart
+    # (lmcd.tiering.Registrations).
+    on_registration: Callable[[int, RegisterKVCache | None], None] | None = None
     _limiter: trio.CapacityLimiter = attrs.field(init=False)
     _instances: dict[int, Instance] = attrs.field(factory=dict, init=False)
     _registrations: dict[int, _IdLock] = attrs.field(factory=dict, init=False)
@@ -214,6 +330,8 @@ class TransferScheduler:
                 heartbeat=request.pings,
             )
             self._instances[request.instance_id] = instance
+            if self.on_registration is not None:
+                self.on_registration(request.instance_id, request)
         log.info(
             "Registered KV cache for GPU ID %d with %d layers",
             request.instance_id,
@@ -274,6 +392,8 @@ class TransferScheduler:
             await instance.idle.wait()
         if self._instances.get(instance_id) is instance:
             del self._instances[instance_id]
+            if self.on_registration is not None:
+                self.on_registration(instance_id, None)
         self._close(instance.kv)
         log.info("Unregistered KV cache for GPU ID %d", instance_id)
         return True
@@ -293,6 +413,13 @@ class TransferScheduler:
             entry.users -= 1
             if not entry.users:
                 del self._registrations[instance_id]
+
+    def attach(self, instance: Instance) -> None:
+        """Serve an already opened instance (for tests and other front ends
+        that open KV caches themselves); replaces none."""
+        if instance.instance_id in self._instances:
+            raise RegistrationError(f"GPU ID {instance.instance_id} is registered")
+        self._instances[instance.instance_id] = instance
 
     def instance(self, instance_id: int) -> Instance:
         """The registered instance (its last activity refreshed). Raises
@@ -365,26 +492,38 @@ class TransferScheduler:
         UNREGISTER that arrives after it waits for it. `all_or_nothing`: a
         STORE that cannot reserve every chunk reserves none.
 
-        Raises `TransferError` for an unknown instance, bad block ids or (all
-        or nothing) a full buffer, and `ValueError` for a chunk that can
-        never fit the buffer.
+        Raises `TransferError` for an unknown instance, bad block ids, a
+        memory tier that fails (nothing stays reserved) or (all or nothing)
+        a full buffer, and `ValueError` for a chunk that can never fit the
+        buffer.
         """
         started = time.perf_counter()
         instance = self.instance(request.instance_id)
         plan = self._plan(instance, request.keys, request.block_ids)
         layout = instance.layout
-        reservation = self.storage.reserve(
-            request.keys, layout.chunk_bytes(self.chunk_size), layout.tag
-        )
+        try:
+            reservation = self.storage.reserve(
+                request.keys, layout.chunk_bytes(self.chunk_size), layout.tag
+            )
+        except TierError as e:
+            raise TransferError(f"store refused: {e}") from e
         if all_or_nothing and not reservation.ok:
             self.storage.abort(reservation)
             raise TransferError(
                 f"no room for {reservation.refused} of {len(request.keys)} chunks"
             )
-        chunks = [
-            (plan[i], self.storage.buffer(entry))
-            for i, entry in zip(reservation.indices, reservation.entries, strict=True)
-        ]
+        try:
+            chunks = [
+                (plan[i], self.storage.buffer(entry))
+                for i, entry in zip(
+                    reservation.indices, reservation.entries, strict=True
+                )
+            ]
+        except BaseException as e:
+            self.storage.abort(reservation)
+            if isinstance(e, MemoryError | OSError | LookupError):
+                raise TransferError(f"store refused: {e}") from e
+            raise
         if chunks:
             self._begin(instance)
         return StoreJob(instance, request, reservation, chunks, started)
@@ -397,66 +536,25 @@ class TransferScheduler:
         instance, request, reservation = job.instance, job.request, job.reservation
         if not job.chunks:
             return CopyResult(reservation.ok)
-        try:
-            if isinstance(instance.kv, host.HostKV):
-                await trio.to_thread.run_sync(
-                    host.gather, instance.kv, job.chunks, limiter=self._limiter
-                )
-                reply = CopyResult(reservation.ok)
-                done = None
-            else:
-                done, keep = await trio.to_thread.run_sync(
-                    cuda.store,
-                    instance.kv,
-                    request.event_handle,
-                    job.chunks,
-                    self.chunk_size,
-                    limiter=self._limiter,
-                )
-                reply = CopyResult(reservation.ok, bytes(done.ipc_handle()))
-        except BaseException as e:
-            self.storage.abort(reservation)
-            self._end(instance)
-            if isinstance(e, LmcdError | RuntimeError | ValueError):
-                raise TransferError(f"store copy failed: {e}") from e
-            raise
-        if done is None:
-            self.storage.commit(reservation)
-            self._end(instance)
-            self._log("Stored", len(job.chunks), job.started)
-        else:
-            assert self._nursery is not None
-            self._nursery.start_soon(
-                self._commit_when_done,
-                instance,
-                done,
-                keep,
-                reservation,
-                len(job.chunks),
-                job.started,
-            )
-        return reply
+        n = len(job.chunks)
 
-    async def _commit_when_done(
-        self,
-        instance: Instance,
-        done: Any,
-        keep: list[Any],
-        reservation: Any,
-        n: int,
-        started: float,
-    ) -> None:
-        try:
-            await _wait_event(done)
-        except BaseException:
-            self.storage.abort(reservation)
-            raise
-        else:
-            self.storage.commit(reservation)
-            self._log("Stored", n, started)
-        finally:
-            keep.clear()
-            self._end(instance)
+        def finish(completed: bool) -> None:
+            if completed:
+                self.storage.commit(reservation)
+                self._log("Stored", n, job.started)
+            else:
+                self.storage.abort(reservation)
+
+        issue = functools.partial(
+            instance.copier.store,
+            instance.kv,
+            request.event_handle,
+            job.chunks,
+            self.chunk_size,
+            self._limiter,
+        )
+        handle = await self._copy(instance, "store", issue, finish)
+        return CopyResult(reservation.ok, handle)
 
     # -- retrieve ------------------------------------------------------------
 
@@ -473,10 +571,26 @@ class TransferScheduler:
         pin = self.storage.pin(
             request.keys, layout.chunk_bytes(self.chunk_size), layout.tag
         )
-        chunks = [(plan[i], self.storage.buffer(e)) for i, e in enumerate(pin.entries)]
-        if chunks:
+        size = self.chunk_size
+        skip = request.skip_tokens
+        try:
+            chunks = [
+                (plan[i], self.storage.buffer(e))
+                for i, e in enumerate(pin.entries)
+                if skip < (i + 1) * size
+            ]
+        except BaseException as e:
+            self.storage.unpin(pin, completed=False)
+            if isinstance(e, MemoryError | OSError | LookupError):
+                raise TransferError(f"retrieve refused: {e}") from e
+            raise
+        firsts: list[int] = []
+        if skip:
+            whole = len(pin.entries) - len(chunks)
+            firsts = [max(0, skip - i * size) for i in range(whole, len(pin.entries))]
+        if pin.entries:
             self._begin(instance)
-        return RetrieveJob(instance, request, pin, chunks, started)
+        return RetrieveJob(instance, request, pin, chunks, started, firsts)
 
     async def run_retrieve(self, job: RetrieveJob) -> CopyResult:
         """Copy an admitted RETRIEVE's chunks into their blocks, then unpin;
@@ -485,62 +599,99 @@ class TransferScheduler:
         Raises `TransferError` when the copy fails.
         """
         instance, request, pin = job.instance, job.request, job.pin
-        n = len(job.chunks)
-        found = CopyResult(n == len(request.keys), None, n)
-        if not n:
-            return found
-        try:
-            if isinstance(instance.kv, host.HostKV):
-                await trio.to_thread.run_sync(
-                    host.scatter, instance.kv, job.chunks, limiter=self._limiter
-                )
-                done = None
-                reply = found
-            else:
-                done, keep = await trio.to_thread.run_sync(
-                    cuda.retrieve,
-                    instance.kv,
-                    request.event_handle,
-                    job.chunks,
-                    self.chunk_size,
-                    limiter=self._limiter,
-                )
-                reply = CopyResult(found.ok, bytes(done.ipc_handle()), n)
-        except BaseException as e:
-            self.storage.unpin(pin, completed=False)
-            self._end(instance)
-            if isinstance(e, LmcdError | RuntimeError | ValueError):
-                raise TransferError(f"retrieve copy failed: {e}") from e
-            raise
-        if done is None:
-            self.storage.unpin(pin, completed=True)
-            self._end(instance)
-            self._log("Retrieved", n, job.started)
-        else:
-            assert self._nursery is not None
-            self._nursery.start_soon(
-                self._unpin_when_done, instance, done, keep, pin, n, job.started
-            )
-        return reply
+        n = len(pin.entries)
+        if not job.chunks:
+            # Nothing to write (no chunk found, or every found one skipped).
+            if n:
+                self.storage.unpin(pin, completed=True)
+                self._end(instance)
+            return CopyResult(n == len(request.keys), None, n)
 
-    async def _unpin_when_done(
+        def finish(completed: bool) -> None:
+            if completed:
+                self._log("Retrieved", n, job.started)
+            self.storage.unpin(pin, completed=completed)
+
+        issue = functools.partial(
+            instance.copier.retrieve,
+            instance.kv,
+            request.event_handle,
+            job.chunks,
+            self.chunk_size,
+            self._limiter,
+            job.skip,
+        )
+        handle = await self._copy(instance, "retrieve", issue, finish)
+        return CopyResult(n == len(request.keys), handle, n)
+
+    # -- completion: one path for every kind of copy -------------------------
+
+    async def _copy(
         self,
         instance: Instance,
-        done: Any,
-        keep: list[Any],
-        pin: Any,
-        n: int,
-        started: float,
+        what: str,
+        issue: Callable[[], Awaitable[Completion]],
+        finish: Callable[[bool], None],
+    ) -> bytes | None:
+        """Issue a copy and settle it; returns the reply's event handle
+        (None: no device work pending, the host path).
+
+        `finish(completed)` runs exactly once: True once the completion's
+        `wait()` returned, False when issuing or waiting failed or was
+        cancelled; the instance's in-flight count drops after it. A
+        detached completion is settled in the scheduler's nursery after
+        this returns; any other before. Raises `TransferError` when the
+        copy fails before the reply.
+        """
+        try:
+            completion = await issue()
+        except BaseException as e:
+            try:
+                finish(False)
+            finally:
+                self._end(instance)
+            if isinstance(e, LmcdError | RuntimeError | ValueError | OSError):
+                raise TransferError(f"{what} copy failed: {e}") from e
+            raise
+        if completion.detached:
+            if self._nursery is None:
+                await self._settle(instance, what, completion, finish)
+            else:
+                self._nursery.start_soon(
+                    self._settle, instance, what, completion, finish
+                )
+        else:
+            try:
+                await self._settle(instance, what, completion, finish, report=False)
+            except TransferError as e:
+                raise TransferError(f"{what} copy failed: {e}") from e
+        return completion.reply_handle
+
+    async def _settle(
+        self,
+        instance: Instance,
+        what: str,
+        completion: Completion,
+        finish: Callable[[bool], None],
+        *,
+        report: bool = True,
     ) -> None:
+        # On cancellation (shutdown) a CUDA copy may still be running: its
+        # chunks are aborted anyway, since nothing reuses the memory after.
         completed = False
         try:
-            await _wait_event(done)
+            await completion.wait()
             completed = True
-            self._log("Retrieved", n, started)
+        except TransferError as e:
+            if not report:
+                raise
+            log.warning("A %s copy failed after its reply: %s", what, e)
         finally:
-            self.storage.unpin(pin, completed=completed)
-            keep.clear()
-            self._end(instance)
+            try:
+                finish(completed)
+            finally:
+                completion.release()
+                self._end(instance)
 
     def _log(self, verb: str, chunks: int, started: float) -> None:
         log.info(
@@ -549,10 +700,3 @@ class TransferScheduler:
             chunks * self.chunk_size,
             time.perf_counter() - started,
         )
-
-
-async def _wait_event(event: Any) -> None:
-    delay = _POLL_MIN
-    while not cuda.query(event):
-        await trio.sleep(delay)
-        delay = min(delay * 2, _POLL_MAX)

@@ -18,6 +18,17 @@ locks lapse (a client that looked up and never retrieved leaks nothing).
 RETRIEVE pins its chunks while copying and, when the copy completes,
 releases one lock each. Locked, pinned and reserved chunks are
 never evicted: the policy only ever sees the evictable ones.
+
+Tier failures are translated here, at the tier boundary: a tier that raises
+`MemoryError` or `OSError` while a STORE reserves (memory the OS refuses)
+makes `reserve` undo every reservation of that STORE and raise `TierError`;
+nothing is left RESERVED and the keys can be stored again.
+
+Lower tiers (disk, remote: `lmcd.tiering`) hook in at four places: lookups
+may count chunks that a lower tier holds (`lower=`), promotions reserve and
+commit CPU entries without counting as stores (`promotion=True`),
+background copies `hold` committed entries, and `on_commit` hears of every
+stored chunk.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 
-from lmcd.errors import StorageFull
+from lmcd.errors import StorageFull, TierError
 from lmcd.eviction import EvictionPolicy, LRUPolicy
 from lmcd.wire.types import CacheKey
 from lmcd_backends.protocol import Extent, StorageTier, TierStatistics
@@ -55,6 +66,9 @@ class Entry:
     locks: int = 0
     lock_expiry: float = 0.0
     pins: int = 0
+    # Background copies to a lower tier reading it: it stays in the LRU
+    # order (its place is kept) but is skipped by eviction.
+    holds: int = 0
     doomed: bool = False
 
     def __repr__(self) -> str:
@@ -153,6 +167,9 @@ class StorageManager:
     clock: Callable[[], float]
     lock_ttl: float = DEFAULT_LOCK_TTL
     policy: EvictionPolicy = attrs.field(factory=LRUPolicy)
+    # Called with the entries of every commit of stored chunks (not of
+    # promotions): how lower tiers learn what to write (lmcd.tiering).
+    on_commit: Callable[[Sequence[Entry]], None] | None = None
     _index: dict[CacheKey, Entry] = attrs.field(factory=dict, init=False)
     # Locked entries in order of expiry: the TTL is constant, so moving an
     # entry to the end when it is locked again keeps the order sorted.
@@ -165,23 +182,32 @@ class StorageManager:
     _locked: int = attrs.field(default=0, init=False)
     _pinned: int = attrs.field(default=0, init=False)
     _doomed: int = attrs.field(default=0, init=False)
+    _held: int = attrs.field(default=0, init=False)
 
     # -- store ---------------------------------------------------------------
 
     def reserve(
-        self, keys: Sequence[CacheKey], nbytes: int, layout: str
+        self,
+        keys: Sequence[CacheKey],
+        nbytes: int,
+        layout: str,
+        promotion: bool = False,
     ) -> Reservation:
         """Reserve room for the chunks of a STORE, in key order.
 
         Keys present or in flight are skipped. When no room can be made (all
-        else is locked, pinned or reserved), the prefix that fit is kept and
-        the rest refused. Raises `ValueError` for a key without a worker id
-        or a chunk that can never fit the tier.
+        else is locked, pinned or reserved, or the tier has not prepared
+        more memory yet), the prefix that fit is kept and the rest refused.
+        Raises `ValueError` for a key without a worker id or a chunk that can
+        never fit the tier, and `TierError` when the tier fails (nothing of
+        this STORE stays reserved). A `promotion` (a copy coming back from a
+        lower tier) is not counted as a store.
         """
         self.expire_locks()
         if not self.tier.fits(nbytes):
             raise ValueError(f"a {nbytes}-byte chunk can never fit this buffer")
-        self._c.stores += 1
+        if not promotion:
+            self._c.stores += 1
         entries: list[Entry] = []
         indices: list[int] = []
         index = self._index
@@ -197,12 +223,16 @@ class StorageManager:
             except StorageFull:
                 refused = len(keys) - i
                 self._reserved += len(entries)
-                self._c.store_skipped_chunks += present
-                self._c.store_refused_chunks += refused
-                log.warning(
-                    "Buffer full: %d of %d chunks not stored", refused, len(keys)
-                )
+                if not promotion:
+                    self._c.store_skipped_chunks += present
+                    self._c.store_refused_chunks += refused
+                    self._log_full(refused, len(keys))
                 return Reservation(tuple(entries), tuple(indices), present, refused)
+            except BaseException as e:
+                self._rollback(entries)
+                if isinstance(e, MemoryError | OSError):
+                    raise TierError(f"the memory tier failed: {e}") from e
+                raise
             entry = Entry(key, extent, nbytes, layout)
             index[key] = entry
             entries.append(entry)
@@ -211,16 +241,46 @@ class StorageManager:
         self._c.store_skipped_chunks += present
         return Reservation(tuple(entries), tuple(indices), present, 0)
 
+    def _rollback(self, entries: list[Entry]) -> None:
+        # Reservations of a STORE that could not be admitted: they were
+        # never counted as reserved, so only index and tier are undone.
+        for entry in entries:
+            del self._index[entry.key]
+            self.tier.free(entry.extent)
+
+    def _log_full(self, refused: int, total: int) -> None:
+        tier = self.tier.statistics()
+        if tier.materialized_bytes < tier.capacity_bytes:
+            log.warning(
+                "Buffer full: %d of %d chunks not stored (%.2f of %.2f GiB "
+                "prepared so far: the stores outran the buffer's growth)",
+                refused,
+                total,
+                tier.materialized_bytes / (1 << 30),
+                tier.capacity_bytes / (1 << 30),
+            )
+        else:
+            log.warning("Buffer full: %d of %d chunks not stored", refused, total)
+
     def _allocate(self, nbytes: int) -> Extent:
         while True:
             extent = self.tier.allocate(nbytes)
             if extent is not None:
                 return extent
-            victim = self.policy.victim()
+            victim = self._victim()
             if victim is None:
                 raise StorageFull(f"no room for {nbytes} bytes")
-            assert isinstance(victim, CacheKey)
-            self._evict(self._index[victim])
+            self._evict(victim)
+
+    def _victim(self) -> Entry | None:
+        if not self._held:
+            key = self.policy.victim()
+            return None if key is None else self._index[key]  # type: ignore[index]
+        for key in self.policy:
+            entry = self._index[key]  # type: ignore[index]
+            if not entry.holds:
+                return entry
+        return None
 
     def _evict(self, entry: Entry) -> None:
         self.policy.discard(entry.key)
@@ -229,10 +289,12 @@ class StorageManager:
         self._c.evicted_bytes += entry.nbytes
         self._free(entry)
 
-    def commit(self, reservation: Reservation) -> None:
-        """The copy into `reservation` finished: its chunks become visible."""
+    def commit(self, reservation: Reservation, promotion: bool = False) -> None:
+        """The copy into `reservation` finished: its chunks become visible.
+        A `promotion` is not counted as stored and not passed to `on_commit`."""
         add = self.policy.add
         chunks = nbytes = 0
+        committed: list[Entry] = []
         for entry in reservation.entries:
             if entry.doomed:
                 self._doomed -= 1
@@ -247,11 +309,16 @@ class StorageManager:
             usage[0] += 1
             usage[1] += entry.nbytes
             add(entry.key)
+            committed.append(entry)
         self._reserved -= len(reservation.entries)
         self._committed_chunks += chunks
         self._committed_bytes += nbytes
+        if promotion:
+            return
         self._c.stored_chunks += chunks
         self._c.stored_bytes += nbytes
+        if self.on_commit is not None and committed:
+            self.on_commit(committed)
 
     def abort(self, reservation: Reservation) -> None:
         """The copy into `reservation` failed: forget and free its chunks."""
@@ -265,10 +332,20 @@ class StorageManager:
 
     # -- lookup and retrieve -------------------------------------------------
 
-    def lookup(self, keys: Sequence[CacheKey], lock: bool, readers: int = 1) -> int:
+    def lookup(
+        self,
+        keys: Sequence[CacheKey],
+        lock: bool,
+        readers: int = 1,
+        lower: Callable[[CacheKey], bool] | None = None,
+    ) -> int:
         """How many leading `keys` are committed (a nil worker id: for every
         rank). With `lock`, each found chunk gains `readers` locks for
-        `lock_ttl` s (each completed retrieve of it releases one)."""
+        `lock_ttl` s (each completed retrieve of it releases one).
+
+        `lower(rank_key)`, when given, says whether a lower tier holds a
+        chunk that is not committed here: such chunks count as found but
+        are not locked (the caller promotes them; `lmcd.tiering`)."""
         self.expire_locks()
         self._c.lookups += 1
         found: list[Entry] = []
@@ -279,34 +356,49 @@ class StorageManager:
             if key.worker_id is not None:  # the common case: one rank
                 entry = index.get(key)
                 if entry is None or entry.state is not committed:
-                    break
-                found.append(entry)
+                    if lower is None or not lower(key):
+                        break
+                else:
+                    found.append(entry)
             else:
-                entries = [index.get(k) for k in key.ranks()]
-                if not all(e is not None and e.state is committed for e in entries):
-                    break
-                found.extend(e for e in entries if e is not None)
+                entries: list[Entry] = []
+                for rank_key in key.ranks():
+                    entry = index.get(rank_key)
+                    if entry is not None and entry.state is committed:
+                        entries.append(entry)
+                    elif lower is None or not lower(rank_key):
+                        break
+                else:
+                    found.extend(entries)
+                    hits += 1
+                    continue
+                break
             hits += 1
         self._c.lookup_hit_chunks += hits
         self._c.lookup_miss_chunks += len(keys) - hits
         if lock:
-            expiry = self.clock() + self.lock_ttl
-            order = self._locked_order
-            discard = self.policy.discard
-            for entry in found:
-                if entry.locks:
-                    del order[entry]  # re-inserted last: the newest expiry
-                else:
-                    self._locked += 1
-                    discard(entry.key)
-                entry.locks += readers
-                entry.lock_expiry = expiry
-                order[entry] = None
+            self.lock(found, readers)
         else:
             for entry in found:
                 if not entry.locks and not entry.pins:
                     self.policy.add(entry.key)
         return hits
+
+    def lock(self, entries: Iterable[Entry], readers: int) -> None:
+        """Add `readers` lookup locks to each committed entry, expiring
+        `lock_ttl` s from now (what a LOOKUP with lock does to its hits)."""
+        expiry = self.clock() + self.lock_ttl
+        order = self._locked_order
+        discard = self.policy.discard
+        for entry in entries:
+            if entry.locks:
+                del order[entry]  # re-inserted last: the newest expiry
+            else:
+                self._locked += 1
+                discard(entry.key)
+            entry.locks += readers
+            entry.lock_expiry = expiry
+            order[entry] = None
 
     def pin(self, keys: Sequence[CacheKey], nbytes: int, layout: str) -> Pin:
         """Pin the leading committed `keys` (of this size and layout) for a
@@ -338,6 +430,35 @@ class StorageManager:
         self._c.retrieve_miss_chunks += len(keys) - len(entries)
         return Pin(tuple(entries))
 
+    def hold(self, entries: Sequence[Entry]) -> Pin:
+        """Keep committed `entries` from eviction while a background copy
+        reads them (to a lower tier), without changing their place in the
+        eviction order; give them back with `unhold`. Entries no longer
+        committed are left out."""
+        held = tuple(
+            e
+            for e in entries
+            if e.state is State.COMMITTED
+            and not e.doomed
+            and self._index.get(e.key) is e
+        )
+        for entry in held:
+            if not entry.holds:
+                self._held += 1
+            entry.holds += 1
+        return Pin(held)
+
+    def unhold(self, pin: Pin) -> None:
+        """Give back entries from `hold` (a dropped one is freed now)."""
+        for entry in pin.entries:
+            entry.holds -= 1
+            if entry.holds:
+                continue
+            self._held -= 1
+            if entry.doomed and not entry.pins:
+                self._doomed -= 1
+                self._free(entry)
+
     def unpin(self, pin: Pin, completed: bool) -> None:
         """The copy out of `pin` ended. When it `completed`, each chunk counts
         as retrieved and gives up one lookup lock."""
@@ -348,7 +469,7 @@ class StorageManager:
             if not entry.pins:
                 self._pinned -= 1
             if entry.doomed:
-                if not entry.pins:
+                if not entry.pins and not entry.holds:
                     self._doomed -= 1
                     self._free(entry)
                 continue
@@ -406,15 +527,17 @@ class StorageManager:
 
     # -- clear ---------------------------------------------------------------
 
-    def clear(self, force: bool = True) -> int:
+    def clear(self, force: bool = True, model: str | None = None) -> int:
         """Drop every chunk (`force`), or every chunk not in use: without
         `force`, chunks that are locked by a lookup, pinned by a retrieve or
-        being stored stay. Memory that a copy is using is freed when the
-        copy lets go; nothing dropped is visible to lookups after this.
-        Returns the number of chunks dropped."""
+        being stored stay. `model`: only that model's chunks. Memory that a
+        copy is using is freed when the copy lets go; nothing dropped is
+        visible to lookups after this. Returns the number of chunks dropped."""
         self.expire_locks()
         dropped = 0
         for entry in list(self._index.values()):
+            if model is not None and entry.key.model_name != model:
+                continue
             if not force and (
                 entry.locks or entry.pins or entry.state is State.RESERVED
             ):
@@ -425,7 +548,7 @@ class StorageManager:
             if entry.locks:
                 entry.locks = 0
                 self._unlock(entry)
-            if entry.pins or entry.state is State.RESERVED:
+            if entry.pins or entry.holds or entry.state is State.RESERVED:
                 entry.doomed = True
                 self._doomed += 1
                 if entry.state is State.COMMITTED:
@@ -435,11 +558,30 @@ class StorageManager:
         self._c.cleared_chunks += dropped
         return dropped
 
+    def reset_counters(self) -> None:
+        """Zero the counters (lookups, stores, evictions...); gauges such as
+        chunks, bytes and locks describe what is held and stay."""
+        self._c = _Counters()
+
     # -- memory --------------------------------------------------------------
 
     def buffer(self, entry: Entry) -> object:
         """The chunk's bytes (a uint8 tensor of the tier's memory)."""
         return self.tier.buffer(entry.extent)
+
+    def get(self, key: CacheKey) -> Entry | None:
+        """The entry of a per-rank key (reserved or committed), or None."""
+        return self._index.get(key)
+
+    @property
+    def committed_bytes(self) -> int:
+        """Bytes of the chunks visible to lookups (a cheap gauge)."""
+        return self._committed_bytes
+
+    @property
+    def evicted_chunks(self) -> int:
+        """Chunks evicted to make room so far (a cheap counter)."""
+        return self._c.evicted_chunks
 
     def _free(self, entry: Entry) -> None:
         # Only committed entries are ever freed here; reserved ones go

@@ -2,8 +2,11 @@
 
 The arena splits `capacity` bytes into segments of `segment_bytes` (the last
 one may be shorter) and carves aligned extents out of them with best fit and
-coalescing. A segment is "opened" the first time an extent is placed in it,
-so that the tier behind it can materialize that segment's memory lazily.
+coalescing. Only "opened" segments hold extents. A segment is opened either
+by `allocate` itself, the first time an extent does not fit the opened ones
+(`grow=True`), or explicitly by `open_segment`, once the tier behind the
+arena has obtained that segment's memory: then the arena never describes
+memory that does not exist.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class Arena:
     _segments: list[_Segment] = attrs.field(factory=list, init=False)
     _live: dict[Extent, None] = attrs.field(factory=dict, init=False)
     _used: int = attrs.field(default=0, init=False)
+    _opened: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.capacity <= 0 or self.segment_bytes <= 0:
@@ -114,7 +118,23 @@ class Arena:
 
     @property
     def opened_bytes(self) -> int:
-        return sum(s.size for s in self._segments)
+        return self._opened
+
+    @property
+    def unopened_bytes(self) -> int:
+        """Capacity not yet in any opened segment."""
+        return self.capacity - self._opened
+
+    @property
+    def opened_free(self) -> int:
+        """Free bytes in opened segments (possibly fragmented)."""
+        return self._opened - self._used
+
+    def next_segment_size(self, planned: int = 0) -> int:
+        """The size the next segment gets once `planned` more bytes are
+        opened (segments of `segment_bytes`, the last one shorter); 0 when
+        the capacity would be all opened."""
+        return max(0, min(self.segment_bytes, self.unopened_bytes - planned))
 
     @property
     def live_extents(self) -> int:
@@ -122,9 +142,25 @@ class Arena:
 
     def open_all(self) -> None:
         """Open every segment now (for tiers that allocate eagerly)."""
-        while self.opened_bytes < self.capacity:
-            size = min(self.segment_bytes, self.capacity - self.opened_bytes)
-            self._segments.append(_Segment.empty(size))
+        while self.unopened_bytes:
+            self.open_segment(self.next_segment_size())
+
+    def open_segment(self, size: int) -> int:
+        """Open one more segment of `size` bytes (a multiple of the alignment,
+        at most `segment_bytes`, within the capacity); returns its index.
+        Raises `ValueError` for a size that does not fit."""
+        if (
+            not 0 < size <= self.segment_bytes
+            or size % self.alignment
+            or size > self.unopened_bytes
+        ):
+            raise ValueError(
+                f"cannot open a {size}-byte segment "
+                f"({self.unopened_bytes} bytes of capacity left unopened)"
+            )
+        self._segments.append(_Segment.empty(size))
+        self._opened += size
+        return len(self._segments) - 1
 
     def segment_size(self, index: int) -> int:
         return self._segments[index].size
@@ -136,11 +172,12 @@ class Arena:
             <= min(self.segment_bytes, self.capacity)
         )
 
-    def allocate(self, nbytes: int) -> Extent | None:
+    def allocate(self, nbytes: int, *, grow: bool = True) -> Extent | None:
         """An extent of at least `nbytes`, or None if no free range fits.
 
-        Existing segments are tried first (best fit across all of them); a new
-        segment is opened only when none fits and capacity remains.
+        Opened segments are tried first (best fit across all of them); with
+        `grow`, a new segment is opened when none fits and capacity remains.
+        Raises `ValueError` for a size that can never fit a segment.
         """
         size = -(-nbytes // self.alignment) * self.alignment
         if not 0 < size <= self.segment_bytes:
@@ -155,12 +192,10 @@ class Arena:
             if fit is not None and (best is None or fit[1] < best[2]):
                 best = (index, fit[0], fit[1])
         if best is None:
-            unopened = self.capacity - self.opened_bytes
-            new_size = min(self.segment_bytes, unopened)
-            if new_size < size:
+            new_size = self.next_segment_size()
+            if not grow or new_size < size:
                 return None
-            self._segments.append(_Segment.empty(new_size))
-            best = (len(self._segments) - 1, 0, new_size)
+            best = (self.open_segment(new_size), 0, new_size)
         index, start, length = best
         self._segments[index].take(start, length, size)
         extent = Extent(segment=index, offset=start, size=size)
@@ -177,7 +212,7 @@ class Arena:
         self._used -= extent.size
 
     def largest_free(self) -> int:
-        unopened = self.capacity - self.opened_bytes
+        unopened = self.unopened_bytes
         opened = max((s.largest_free() for s in self._segments), default=0)
         return max(opened, min(unopened, self.segment_bytes))
 

@@ -95,7 +95,7 @@ class ObjectId:
 
     `key` is the storage manager's neutral key, already encoded to bytes by
     the manager (model, world size, rank, content hash and salt: see
-    `lmcd.storage.object_id`); `layout` is the chunk layout tag and `nbytes`
+    `lmcd.tiering.object_id`); `layout` is the chunk layout tag and `nbytes`
     the chunk's exact length. A tier must return a chunk only for the same
     (key, layout, nbytes): a reader with another layout gets a miss, never
     bytes of the wrong shape.

@@ -89,3 +89,32 @@ def test_random_alloc_free_keeps_invariants(ops: list[tuple[bool, int]]) -> None
         else:
             arena.release(live.pop(size % len(live)))
         check_invariants(arena)
+
+
+def test_without_grow_only_opened_segments_are_used() -> None:
+    arena = Arena(capacity=10 * MiB, segment_bytes=4 * MiB)
+    assert arena.allocate(MiB, grow=False) is None
+    assert arena.opened_segments == 0
+    assert arena.next_segment_size() == 4 * MiB
+    assert arena.open_segment(4 * MiB) == 0
+    assert arena.opened_free == 4 * MiB
+    e = arena.allocate(3 * MiB, grow=False)
+    assert e is not None
+    assert arena.allocate(2 * MiB, grow=False) is None  # room only in segment 1
+    assert arena.opened_segments == 1
+    assert arena.next_segment_size(planned=4 * MiB) == 2 * MiB  # the short last one
+    check_invariants(arena)
+
+
+def test_open_segment_refuses_what_does_not_fit() -> None:
+    arena = Arena(capacity=6 * MiB, segment_bytes=4 * MiB)
+    with pytest.raises(ValueError, match="cannot open"):
+        arena.open_segment(5 * MiB)  # larger than a segment
+    with pytest.raises(ValueError, match="cannot open"):
+        arena.open_segment(ALIGNMENT + 1)  # not aligned
+    arena.open_segment(4 * MiB)
+    with pytest.raises(ValueError, match="cannot open"):
+        arena.open_segment(4 * MiB)  # past the capacity
+    arena.open_segment(2 * MiB)
+    assert (arena.unopened_bytes, arena.next_segment_size()) == (0, 0)
+    assert arena.opened_bytes == arena.capacity

@@ -20,7 +20,7 @@ import msgspec
 import pytest
 import torch
 
-from lmcd.errors import ProtocolError
+from lmcd.errors import ConfigError, ProtocolError
 from lmcd.wire import PayloadError, Unsupported, parse
 from lmcd.wire.descriptors import UnsupportedDescriptor
 from lmcd.wire.dialect import Message
@@ -139,14 +139,15 @@ def test_dialect_names_and_the_registry() -> None:
     for name in ("lmcache-0.4.4", "lmcache-0.4.5", "lmcache-0.4.6", "lmcache-0.4.7"):
         assert name in choices()
     assert dialects_for("lmcache-0.4.5") == (LMCACHE_044,)
+    # auto detects 0.3 and 0.5; the 0.4 dialects are chosen explicitly.
     auto = [d.name for d in dialects_for("auto")]
-    assert auto == [
-        "lmcache-0.3",
-        "lmcache-0.4.4",
-        "lmcache-0.4.6",
-        "lmcache-0.4.7",
-        "lmcache-0.5",
-    ]
+    assert auto == ["lmcache-0.3", "lmcache-0.5"]
+    # Several named with commas: detected among those.
+    mixed = dialects_for("lmcache-0.3, lmcache-0.4.5,lmcache-0.4.6")
+    assert [d.name for d in mixed] == ["lmcache-0.3", "lmcache-0.4.4", "lmcache-0.4.6"]
+    for bad in ("lmcache-0.4.6,auto", "lmcache-0.4.4,lmcache-0.4.5", "", "0.4.6"):
+        with pytest.raises(ConfigError):
+            dialects_for(bad)
 
 
 # -- requests of the real clients ------------------------------------------------------

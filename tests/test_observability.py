@@ -137,26 +137,61 @@ def test_inspect_check_and_unreachable(busy: tuple[Server, int]) -> None:
     assert down.returncode == 1
     assert time.monotonic() - started < 10
     assert len(down.stderr.strip().splitlines()) == 1
-    assert "no answer from lmcd" in down.stderr
+    assert "connection refused at tcp://127.0.0.1:" in down.stderr
 
 
-def test_inspect_watch_shows_rates() -> None:
+def _samples() -> Iterator[dict[str, Any]]:
+    yield {**_fake_stats(), "uptime_s": 1.0}
+    yield {**_fake_stats(), "uptime_s": 2.0, "requests": 50, "stored_bytes": 2e9}
+    yield {**_fake_stats(), "uptime_s": 3.0, "requests": 60, "stored_bytes": 2e9}
+
+
+def test_inspect_watch_fits_80x24_with_rates_first() -> None:
+    from rich.console import Console
+
+    from lmcd.inspect import rates_between, render_compact
+
+    first, second, _ = _samples()
+    console = Console(record=True, width=80, height=24)
+    console.print(render_compact(second, rates_between(first, second)))
+    lines = console.export_text().rstrip("\n").splitlines()
+    frame = lines[-24:]
+    assert all(len(line) <= 80 for line in lines)
+    body = "\n".join(frame)
+    assert "requests/s" in body
+    assert "50.0" in body
+    assert "2.000" in body  # store GB/s
+    # The rates come before what is held.
+    assert body.index("requests/s") < body.index("chunks")
+    assert len([x for x in frame if x.strip()]) <= 12
+
+
+def test_inspect_watch_piped_prints_a_line_per_interval() -> None:
+    import io
+
     from rich.console import Console
 
     from lmcd.inspect import watch
 
-    samples = iter(
-        [
-            {**_fake_stats(), "uptime_s": 1.0},
-            {**_fake_stats(), "uptime_s": 2.0, "requests": 50, "stored_bytes": 2e9},
-        ]
-    )
-    console = Console(record=True, width=120)
-    watch(lambda: next(samples), 0.0, console, count=1)
-    out = console.export_text()
-    assert "requests/s" in out
-    assert "50.0" in out
-    assert "2.000" in out
+    samples = _samples()
+    out = io.StringIO()
+    console = Console(file=out, width=80)
+    assert not console.is_terminal
+    watch(lambda: next(samples), 0.01, console, count=2)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3  # a header, then one line per interval
+    assert lines[0].split()[:3] == ["time", "req/s", "store"]
+    assert lines[1].split()[1:3] == ["50.0", "2.000"]
+    assert lines[2].split()[1:3] == ["10.0", "0.000"]
+
+
+def test_inspect_watch_refuses_a_zero_interval() -> None:
+    from rich.console import Console
+
+    from lmcd.inspect import watch
+
+    with pytest.raises(ValueError, match="> 0"):
+        watch(_fake_stats, 0.0, Console(), count=1)
 
 
 def _fake_stats() -> dict[str, Any]:
@@ -202,6 +237,9 @@ def test_metrics_agree_with_stats(busy: tuple[Server, int]) -> None:
         assert families[f"lmcd_{name}"].samples[0].value == stats[name]
     for name in ("chunks", "used_bytes", "capacity_bytes"):
         assert families[f"lmcd_{name}"].samples[0].value == stats[name]
+    # Prometheus unit naming: seconds spelled out.
+    assert families["lmcd_uptime_seconds"].samples[0].value > 0
+    assert not any(name.endswith("_s") for name in families)
     per_model = {
         x.labels["model"]: x.value for x in families["lmcd_model_chunks"].samples
     }

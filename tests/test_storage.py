@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
+import attrs
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -15,8 +17,11 @@ from hypothesis.stateful import (
     rule,
 )
 
+from lmcd.errors import TierError
 from lmcd.storage import Pin, Reservation, StorageManager
 from lmcd.wire.types import CacheKey
+from lmcd_backends.pinned_cpu import PinnedCpuTier
+from lmcd_backends.protocol import Extent
 from tests.fakes import ArenaTier, FakeClock
 from tests.test_arena import check_invariants
 
@@ -194,6 +199,117 @@ def test_churn_with_two_chunk_sizes_keeps_buffer_over_90_percent_full() -> None:
     assert fills[len(fills) // 100] >= 0.90, (
         f"1st percentile {fills[len(fills) // 100]:.3f}"
     )
+
+
+@attrs.define
+class FailingTier(ArenaTier):
+    """An arena tier whose `fail_at`-th allocation raises `error`."""
+
+    fail_at: int = 0
+    error: type[Exception] = MemoryError
+    calls: int = 0
+
+    def allocate(self, nbytes: int) -> Extent | None:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise self.error("the OS refused a segment")
+        return super().allocate(nbytes)
+
+
+@pytest.mark.parametrize("error", [MemoryError, OSError])
+def test_tier_failure_mid_store_rolls_back_the_whole_store(
+    error: type[Exception],
+) -> None:
+    tier = FailingTier(8 * MiB, 4 * MiB, fail_at=4, error=error)
+    m = StorageManager(tier=tier, clock=FakeClock())
+    store(m, [key(0)])
+    keys = [key(1), key(2), key(3), key(4)]
+    with pytest.raises(TierError, match="refused a segment"):
+        m.reserve([key(0), *keys], MiB, LAYOUT)  # the third new key fails
+    stats = m.statistics()
+    assert (len(m), stats.reserved_chunks, stats.chunks) == (1, 0, 1)
+    assert tier.arena.used == MiB
+    check_invariants(tier.arena)
+    assert m.lookup(keys, lock=False) == 0
+    # Nothing is left blocking the keys: the same STORE succeeds now.
+    res = m.reserve([key(0), *keys], MiB, LAYOUT)
+    assert (res.ok, len(res.entries), res.present) == (True, 4, 1)
+    m.commit(res)
+    assert m.lookup([key(0), *keys], lock=False) == 5
+
+
+def test_a_refused_segment_is_neither_used_nor_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tier = PinnedCpuTier(3 * MiB, segment_bytes=MiB, pin=False)
+    m = StorageManager(tier=tier, clock=FakeClock())
+    store(m, [key(1)])
+    real_prepare = PinnedCpuTier.prepare
+    refuse = [True]
+
+    def prepare(self: PinnedCpuTier, size: int, **kw: Any) -> object:
+        if refuse[0]:
+            raise MemoryError("cannot allocate a segment: ENOMEM")
+        return real_prepare(self, size, **kw)
+
+    monkeypatch.setattr(PinnedCpuTier, "prepare", prepare)
+    with pytest.raises(TierError, match="ENOMEM"):
+        m.reserve([key(2), key(3)], MiB, LAYOUT)
+    stats = m.statistics()
+    # Memory never obtained is not reported, and nothing stays reserved.
+    assert (stats.tier.materialized_bytes, stats.tier.segments) == (MiB, 1)
+    assert (stats.reserved_chunks, stats.chunks, len(m)) == (0, 1, 1)
+    assert tier.statistics().used_bytes == MiB
+    refuse[0] = False
+    res = m.reserve([key(2), key(3)], MiB, LAYOUT)
+    assert res.ok
+    for entry in res.entries:
+        m.buffer(entry).fill_(7)  # type: ignore[attr-defined]
+    m.commit(res)
+    assert m.lookup([key(1), key(2), key(3)], lock=False) == 3
+    assert m.statistics().tier.materialized_bytes == 3 * MiB
+
+
+def test_a_fill_that_outruns_preparation_evicts_or_refuses() -> None:
+    tier = PinnedCpuTier(
+        4 * MiB, segment_bytes=MiB, pin=False, grow_inline=False, lead_bytes=0
+    )
+    demands: list[int] = []
+    tier.on_demand = lambda: demands.append(1)
+    m = StorageManager(tier=tier, clock=FakeClock())
+    # Nothing prepared, nothing to evict: refused, not waited for.
+    res = m.reserve([key(1)], MiB, LAYOUT)
+    assert (res.ok, res.refused) == (False, 1)
+    assert m.statistics().store_refused_chunks == 1
+    assert (tier.outruns, tier.prepared_bytes) == (1, 0)
+    assert demands  # the preparer was asked for memory
+    assert tier.lead_bytes == 4 * MiB  # two segments, doubled by the outrun
+    size = tier.claim()
+    assert size == MiB
+    tier.install(tier.prepare(size), size)
+    store(m, [key(1)])
+    # The prepared room is used up: the next chunk evicts the oldest one
+    # rather than waiting for the next segment.
+    res = m.reserve([key(2)], MiB, LAYOUT)
+    assert res.ok
+    assert m.statistics().evicted_chunks == 1
+    assert tier.prepared_bytes == MiB  # still nothing prepared inline
+    assert tier.outruns == 2
+
+
+def test_claims_count_towards_the_lead() -> None:
+    tier = PinnedCpuTier(
+        8 * MiB, segment_bytes=MiB, pin=False, grow_inline=False, lead_bytes=2 * MiB
+    )
+    assert tier.wanted_now()
+    first, second = tier.claim(), tier.claim()
+    assert (first, second) == (MiB, MiB)
+    assert tier.claim() is None  # two segments in preparation cover the lead
+    assert tier.preparing_bytes == 2 * MiB
+    tier.unclaim(MiB)
+    assert (tier.prepare_failures, tier.preparing_bytes) == (1, MiB)
+    assert tier.claim() == MiB
+    assert tier.statistics().materialized_bytes == 0
 
 
 class StorageMachine(RuleBasedStateMachine):

@@ -5,10 +5,11 @@ client's IPC event and then gathers the chunk's blocks into a staging buffer
 (scatters, for RETRIEVE), and a copy stream that moves staging <-> pinned
 host memory on the copy engine. Two staging buffers alternate, so the gather
 of one batch overlaps the copy of the last. The last operation records an
-interprocess event whose handle is the reply; the scheduler commits (or
-unpins) when that event has completed, polling it without blocking Trio.
+interprocess event whose handle is the reply. `store` and `retrieve` return
+that event as an `EventCompletion`: the scheduler commits (or unpins) when
+it has completed, polling it without blocking Trio.
 
-Everything here runs in a worker thread, except `query`.
+Everything here runs in a worker thread.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import Any
 import attrs
 
 from lmcd.errors import RegistrationError
+from lmcd.transfer.completion import EventCompletion
 from lmcd.transfer.host import torch_dtype
-from lmcd.transfer.layouts import KVLayout
+from lmcd.transfer.layouts import KVLayout, written_blocks
 from lmcd.wire.types import CudaTensorRef
 
 log = logging.getLogger(__name__)
@@ -163,11 +165,12 @@ def store(
     event_handle: bytes,
     chunks: Sequence[tuple[Sequence[int], Any]],
     chunk_tokens: int,
-) -> tuple[Any, list[Any]]:
+) -> EventCompletion:
     """Issue GPU -> pinned copies of `chunks` (`[(block_ids, uint8 buffer)]`).
 
-    Returns the interprocess event that completes when every copy is done,
-    and the tensors that must stay alive until then.
+    Returns the completion of the interprocess event that completes when
+    every copy is done (its handle is the reply), keeping alive the tensors
+    the copies use until then.
     """
     import torch
 
@@ -207,7 +210,8 @@ def store(
             kv.set_free(k % 2, freed)
         done = torch.cuda.Event(interprocess=True)
         done.record(kv.copy_stream)
-    return done, keep
+        handle = bytes(done.ipc_handle())
+    return EventCompletion(done, handle, keep)
 
 
 def retrieve(
@@ -215,8 +219,11 @@ def retrieve(
     event_handle: bytes,
     chunks: Sequence[tuple[Sequence[int], Any]],
     chunk_tokens: int,
-) -> tuple[Any, list[Any]]:
-    """Issue pinned -> GPU copies of `chunks` and the scatter into their blocks."""
+    skip: Sequence[int] = (),
+) -> EventCompletion:
+    """Issue pinned -> GPU copies of `chunks` and the scatter into their
+    blocks; returns the completion, as `store` does. `skip[i]` (when given)
+    is chunk i's first token to write: the engine holds the ones before."""
     import torch
 
     layout = kv.layout
@@ -240,31 +247,52 @@ def retrieve(
                 ready = torch.cuda.Event()
                 ready.record(kv.copy_stream)
             kv.gather_stream.wait_event(ready)
-            ids = [b for i in batch for b in chunks[i][0]]
-            tokens = len(ids) * layout.block_size
+            rows = len(batch) * chunk_tokens // layout.block_size
+            ids: list[int] = []
+            src_at: list[int] = []
+            partial: list[tuple[int, int, int]] = []
+            for j, i in enumerate(batch):
+                base = j * chunk_tokens // layout.block_size
+                first = skip[i] if skip else 0
+                for p, block, row0 in written_blocks(
+                    chunks[i][0], layout.block_size, first
+                ):
+                    if row0:
+                        partial.append((base + p, block, row0 * layout.hidden))
+                    else:
+                        ids.append(block)
+                        src_at.append(base + p)
+            whole = src_at == list(range(rows))
             with torch.cuda.stream(kv.gather_stream):
                 index = torch.tensor(ids, dtype=torch.long).to(kv.device)
                 keep.append(index)
+                if not whole:
+                    src_index = torch.tensor(src_at, dtype=torch.long).to(kv.device)
+                    keep.append(src_index)
                 for layer, dest in enumerate(kv.layers):
                     for plane in range(layout.planes):
-                        src_rows = buf[plane, layer, :tokens].view(
-                            len(ids), layout.block_row
+                        src_rows = buf[plane, layer, : rows * layout.block_size].view(
+                            rows, layout.block_row
                         )
-                        dest[plane].index_copy_(0, index, src_rows)
+                        if ids:
+                            dest[plane].index_copy_(
+                                0,
+                                index,
+                                src_rows if whole else src_rows[src_index],
+                            )
+                        # A block cut by the skip: only its later tokens.
+                        for row, block, at in partial:
+                            dest[plane][block, at:].copy_(src_rows[row, at:])
                 freed = torch.cuda.Event()
                 freed.record(kv.gather_stream)
             kv.set_free(k % 2, freed)
         done = torch.cuda.Event(interprocess=True)
         done.record(kv.gather_stream)
-    return done, keep
+        handle = bytes(done.ipc_handle())
+    return EventCompletion(done, handle, keep)
 
 
 def _host_view(layout: KVLayout, buffer: Any, tokens: int) -> Any:
     nbytes = layout.chunk_bytes(tokens)
     typed = buffer[:nbytes].view(torch_dtype(layout.dtype))
     return typed.view(layout.planes, layout.num_layers, tokens, layout.hidden)
-
-
-def query(event: Any) -> bool:
-    """Whether `event` has completed (cheap; safe on the Trio thread)."""
-    return bool(event.query())

@@ -296,13 +296,15 @@ def _memory(buffer: Any, nbytes: int) -> memoryview:
 
 
 def _plan(
-    kv: HostKV, block_ids: Sequence[int]
+    kv: HostKV, block_ids: Sequence[int], first_token: int = 0
 ) -> list[tuple[LayerSpan, int, int, int]]:
     """The copies of one chunk: `(layer, file offset, chunk offset, bytes)`,
     one per run of consecutive block ids per layer and plane; the chunk is
-    `[K, layers, tokens, hidden]` (see layouts.py)."""
+    `[K, layers, tokens, hidden]` (see layouts.py). The chunk's tokens
+    before `first_token` are left out (a retrieve's skipped tokens)."""
     layout = kv.layout
     row = layout.block_row * layout.itemsize
+    token_bytes = row // layout.block_size
     plane_bytes = layout.num_blocks * row
     n = len(block_ids)
     runs = block_runs(block_ids)
@@ -312,9 +314,19 @@ def _plan(
             at = (plane * layout.num_layers + layer) * n * row
             for start, count in runs:
                 size = count * row
-                plan.append(
-                    (span, span.offset + plane * plane_bytes + start * row, at, size)
-                )
+                # Tokens of this run before `first_token`: a run lies
+                # contiguously in the file and in the chunk, so leaving a
+                # prefix out only moves both offsets.
+                cut = min(size, max(0, first_token * token_bytes - at % (n * row)))
+                if cut < size:
+                    plan.append(
+                        (
+                            span,
+                            span.offset + plane * plane_bytes + start * row + cut,
+                            at + cut,
+                            size - cut,
+                        )
+                    )
                 at += size
     return plan
 
@@ -331,28 +343,36 @@ def gather(kv: HostKV, chunks: Sequence[tuple[Sequence[int], Any]]) -> None:
     _in_parallel(_copies(kv, chunks), _read, per_file=False)
 
 
-def scatter(kv: HostKV, chunks: Sequence[tuple[Sequence[int], Any]]) -> None:
+def scatter(
+    kv: HostKV,
+    chunks: Sequence[tuple[Sequence[int], Any]],
+    skip: Sequence[int] = (),
+) -> None:
     """Copy each chunk's buffer into its blocks of the KV cache (reverse of
-    `gather`). Writes to one file are serialized by the kernel (the inode
-    lock), so only different files are written in parallel. Raises
-    `TransferError` when a file is shorter than at registration or a write
-    fails (e.g. ENOSPC on a full tmpfs for a file that is not fully backed).
+    `gather`); `skip[i]` (when given) is chunk i's first token to write.
+    Writes to one file are serialized by the kernel (the inode lock), so
+    only different files are written in parallel. Raises `TransferError`
+    when a file is shorter than at registration or a write fails (e.g.
+    ENOSPC on a full tmpfs for a file that is not fully backed).
     """
     kv.check()
-    _in_parallel(_copies(kv, chunks), _write, per_file=True)
+    _in_parallel(_copies(kv, chunks, skip), _write, per_file=True)
 
 
 # One copy: the file, the chunk bytes of the run, the run's offset in the file.
 _Copy = tuple[ShmFile, memoryview, int]
 
 
-def _copies(kv: HostKV, chunks: Sequence[tuple[Sequence[int], Any]]) -> list[_Copy]:
+def _copies(
+    kv: HostKV, chunks: Sequence[tuple[Sequence[int], Any]], skip: Sequence[int] = ()
+) -> list[_Copy]:
     copies: list[_Copy] = []
-    for block_ids, buffer in chunks:
+    for i, (block_ids, buffer) in enumerate(chunks):
         memory = _memory(
             buffer, kv.layout.chunk_bytes(len(block_ids) * kv.layout.block_size)
         )
-        for span, file_at, at, size in _plan(kv, block_ids):
+        first = skip[i] if skip else 0
+        for span, file_at, at, size in _plan(kv, block_ids, first):
             copies.append((span.file, memory[at : at + size], file_at))
     return copies
 

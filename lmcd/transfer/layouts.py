@@ -146,3 +146,20 @@ def chunk_block_ids(
     return [
         used[i * blocks_per_chunk : (i + 1) * blocks_per_chunk] for i in range(n_chunks)
     ]
+
+
+def written_blocks(
+    block_ids: Sequence[int], block_size: int, first_token: int
+) -> list[tuple[int, int, int]]:
+    """The blocks of one chunk that a retrieve writes when the engine
+    already holds the chunk's first `first_token` tokens (lmcache's
+    `skip_first_n_tokens`): `(position in block_ids, block id, first row)`
+    for each block with a token at or after `first_token`; the first row
+    is the block's first token to write (0 but for a block cut in two)."""
+    out = []
+    for position, block in enumerate(block_ids):
+        start = position * block_size
+        if start + block_size <= first_token:
+            continue
+        out.append((position, block, max(0, first_token - start)))
+    return out

@@ -1,6 +1,7 @@
 """The lmcache 0.3.10-0.3.13 dialect (and lmcd's own extensions to it).
 
-Types 1-8 as PROTOCOL.md lists them, plus lmcd's STATS (1000). Keys carry
+Types 1-8 as PROTOCOL.md lists them, plus lmcd's STATS (1000), RESET_STATS
+(1001) and DROP (1002) (docs/protocol-extensions.md). Keys carry
 vLLM's chunk hash; tensors are pickled `CudaIPCWrapper`s (extension code 1,
 through the restricted unpickler) or lmcd's host tensors (code 2). No trio,
 zmq or torch.
@@ -25,12 +26,14 @@ from lmcd.wire.types import (
     CacheKey,
     Clear,
     CopyResult,
+    DropChunks,
     GetChunkSize,
     HostTensorRef,
     Lookup,
     Noop,
     RegisterKVCache,
     Request,
+    ResetStats,
     Retrieve,
     Stats,
     Store,
@@ -43,7 +46,8 @@ NAME = "lmcache-0.3"
 
 
 class RequestType(enum.IntEnum):
-    """Request type values of the lmcache 0.3.10-0.3.13 dialect (+ lmcd's STATS)."""
+    """Request type values of the lmcache 0.3.10-0.3.13 dialect (+ lmcd's
+    extensions from 1000 on)."""
 
     REGISTER_KV_CACHE = 1
     UNREGISTER_KV_CACHE = 2
@@ -54,6 +58,8 @@ class RequestType(enum.IntEnum):
     GET_CHUNK_SIZE = 7
     NOOP = 8
     STATS = 1000
+    RESET_STATS = 1001
+    DROP = 1002
 
 
 # How many payload frames follow `[uid, type]` for each request type.
@@ -67,6 +73,8 @@ PAYLOAD_COUNTS: dict[RequestType, int] = {
     RequestType.GET_CHUNK_SIZE: 0,
     RequestType.NOOP: 0,
     RequestType.STATS: 0,
+    RequestType.RESET_STATS: 0,
+    RequestType.DROP: 1,
 }
 
 EXT_CUDA_IPC_WRAPPER = 1
@@ -89,6 +97,7 @@ class _HostTensorMsg(msgspec.Struct, forbid_unknown_fields=True):
 _int = msgspec.msgpack.Decoder(int)
 _bytes = msgspec.msgpack.Decoder(bytes)
 _opt_bool = msgspec.msgpack.Decoder(bool | None)
+_opt_str = msgspec.msgpack.Decoder(str | None)
 _keys = msgspec.msgpack.Decoder(list[CacheKey])
 _ints = msgspec.msgpack.Decoder(list[int])
 _exts = msgspec.msgpack.Decoder(list[msgspec.msgpack.Ext])
@@ -122,6 +131,10 @@ def failure_reply(rtype: RequestType, payloads: Sequence[bytes]) -> object:
         return "ERROR"
     if rtype is RequestType.STATS:
         return {}
+    if rtype is RequestType.RESET_STATS:
+        return False
+    if rtype is RequestType.DROP:
+        return -1
     return None
 
 
@@ -298,6 +311,10 @@ _DECODERS: dict[RequestType, Callable[[Sequence[bytes]], Request]] = {
     RequestType.GET_CHUNK_SIZE: lambda p: GetChunkSize(),
     RequestType.NOOP: lambda p: Noop(),
     RequestType.STATS: lambda p: Stats(),
+    RequestType.RESET_STATS: lambda p: ResetStats(),
+    RequestType.DROP: lambda p: DropChunks(
+        _opt_str.decode(_frame(p[0], MAX_SMALL_FRAME, "model"))
+    ),
 }
 
 

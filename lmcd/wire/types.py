@@ -382,6 +382,19 @@ class Clear:
 
 
 @attrs.frozen
+class DropChunks:
+    """lmcd's DROP extension: drop every chunk not in use, or only those of
+    `model`; the result is the number dropped."""
+
+    model: str | None = None
+
+
+@attrs.frozen
+class ResetStats:
+    """lmcd's RESET_STATS extension: zero the counters (not the gauges)."""
+
+
+@attrs.frozen
 class GetChunkSize:
     pass
 
@@ -418,6 +431,8 @@ Request: TypeAlias = (
     | PrepareRetrieve
     | CommitRetrieve
     | Clear
+    | DropChunks
+    | ResetStats
     | GetChunkSize
     | Noop
     | Stats

@@ -1,6 +1,7 @@
 """Fixtures: lmcache's own 0.4.x server and lmcd (with the matching
-`--dialect`, and with `auto`), on loopback, for the real lmcache 0.4.6 or
-0.4.7 adapters of this environment (`tests/lmcache04/rig.py`).
+`--dialect`, and detecting among every dialect), on loopback, for the real
+lmcache 0.4.6 or 0.4.7 adapters of this environment
+(`tests/lmcache04/rig.py`).
 
 These tests need lmcache 0.4.6 or 0.4.7 (`nox -s tests_lmcache046` /
 `tests_lmcache047`); with any other lmcache, or none, this directory is not
@@ -35,7 +36,9 @@ else:
     from tests.lmcache04.rig import Rig, start_server, zmq_context
 
     DIALECT = f"lmcache-{VERSION}"
-    AUTO = "lmcd-auto"
+    # Every dialect at once, detected per connection (`auto` is 0.3 and 0.5).
+    EVERY = "lmcache-0.3,lmcache-0.4.4,lmcache-0.4.6,lmcache-0.4.7,lmcache-0.5"
+    MIXED = "lmcd-every-dialect"
     # Small pools: every engine-driven worker of a test holds one.
     LMCD_FLAGS = ("--pool-size", "16", "--log-level", "info")
 
@@ -70,23 +73,23 @@ else:
         assert code == 0, server.log_tail()
 
     @pytest.fixture(scope="module")
-    def lmcd_auto_server(
+    def lmcd_mixed_server(
         tmp_path_factory: pytest.TempPathFactory,
     ) -> Iterator[_ServerProcess]:
-        """The same with `--dialect auto`."""
-        server = _start(LMCD, lmcd_options("auto"), tmp_path_factory)
+        """The same detecting among every dialect (`EVERY`)."""
+        server = _start(LMCD, lmcd_options(EVERY), tmp_path_factory)
         yield server
         code = server.stop()
         assert code == 0, server.log_tail()
 
-    @pytest.fixture(scope="module", params=[REFERENCE, LMCD, AUTO])
+    @pytest.fixture(scope="module", params=[REFERENCE, LMCD, MIXED])
     def server(request: pytest.FixtureRequest) -> _ServerProcess:
         """Each test runs against lmcache's own server and against lmcd,
         with its dialect chosen and detected."""
         name = {
             REFERENCE: "reference_server",
             LMCD: "lmcd_server",
-            AUTO: "lmcd_auto_server",
+            MIXED: "lmcd_mixed_server",
         }[request.param]
         result: _ServerProcess = request.getfixturevalue(name)
         return result

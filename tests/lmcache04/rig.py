@@ -510,8 +510,8 @@ class Rig:
 
     def raw(self) -> RawClient:
         """A bare client that, like every lmcache adapter and tool, asks
-        GET_CHUNK_SIZE first: under `--dialect auto` a 0.4 client's first
-        message tells 0.4.6 from 0.4.7 (`lmcd.wire.lmcache04`)."""
+        GET_CHUNK_SIZE first: where lmcd detects among 0.4 releases, a
+        client's first message tells 0.4.6 from 0.4.7 (`lmcd.wire.lmcache04`)."""
         c = RawClient.connect(self.url, self.context)
         self.opened.append(c)
         assert c.call("GET_CHUNK_SIZE", []) == CHUNK

@@ -1,6 +1,6 @@
 """What only lmcd is asked: a daemon restart under connected 0.4 clients,
-pickles that would run code, and one `--dialect auto` daemon serving a
-lmcache 0.3.13, a 0.4.x and a 0.5.6 client at once."""
+pickles that would run code, and one daemon detecting every dialect that
+serves a lmcache 0.3.13, a 0.4.x and a 0.5.6 client at once."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from lmcd.client import Client
 from lmcd.shmkv import SharedKVCache
 from lmcd.wire.lmcache03 import RequestType as T03
 from lmcd.wire.lmcache04 import NAMES, ORDER
-from tests.lmcache04.conftest import DIALECT, lmcd_options
+from tests.lmcache04.conftest import DIALECT, EVERY, lmcd_options
 from tests.lmcache04.rig import (
     CHUNK,
     DATA,
@@ -45,13 +45,14 @@ def _wait(what: str, condition: Any, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("dialect", [DIALECT, "auto"])
+@pytest.mark.parametrize("dialect", [DIALECT, EVERY], ids=["chosen", "detected"])
 def test_a_daemon_restart_under_connected_clients_recovers(
     dialect: str, context: Any, tmp_path: Path
 ) -> None:
     """lmcd stops and starts again on the same port: the clients' heartbeats
     fail (degraded: nothing is sent but pings), then succeed on the new
-    daemon, whose connections they bind (`auto`); the worker registers again
+    daemon, whose connections they bind (when it detects dialects); the
+    worker registers again
     and caching resumes."""
     options = lmcd_options(dialect)
     server = start_server(LMCD, options, tmp_path)
@@ -128,15 +129,16 @@ def test_pickles_that_would_run_code_are_refused_and_lmcd_keeps_serving(
         rig.close()
 
 
-def test_one_auto_daemon_serves_03_04_and_05_clients_at_once(
-    lmcd_auto_server: Any, context: Any
+def test_one_daemon_serves_03_04_and_05_clients_at_once(
+    lmcd_mixed_server: Any, context: Any
 ) -> None:
     """lmcache 0.3.13's frames (lmcd's own client and a shared-memory KV
     cache, as `lmcd bench` drives the 0.3 dialect), the real 0.4.x adapters
-    and lmcache 0.5.6's frames, interleaved on one daemon."""
-    rig = Rig(lmcd_auto_server.url, context, model="mixed-04")
-    c03 = Client("127.0.0.1", lmcd_auto_server.port)
-    c05 = Client("127.0.0.1", lmcd_auto_server.port)
+    and lmcache 0.5.6's frames, interleaved on one daemon detecting every
+    dialect."""
+    rig = Rig(lmcd_mixed_server.url, context, model="mixed-04")
+    c03 = Client("127.0.0.1", lmcd_mixed_server.port)
+    c05 = Client("127.0.0.1", lmcd_mixed_server.port)
     kv = SharedKVCache.create(
         "mha", num_layers=2, num_blocks=16, block_size=8, num_heads=2, head_size=8
     )

@@ -2,7 +2,7 @@
 retrieves into other blocks: the bytes arrive and nothing else is written.
 The real lmcache 0.4.6 / 0.4.7 adapters on CPU KV tensors, against
 lmcache's own server of the same release and against lmcd (dialect chosen,
-and detected with `--dialect auto`)."""
+and detected among every dialect)."""
 
 from __future__ import annotations
 

@@ -60,12 +60,8 @@ def test_store_lookup_retrieve(rig: Any, mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", [LMCACHE_DRIVEN, ENGINE_DRIVEN])
-def test_retrieve_skips_first_tokens(
-    rig: Any, mode: str, request: pytest.FixtureRequest
-) -> None:
+def test_retrieve_skips_first_tokens(rig: Any, mode: str) -> None:
     """`skip_first_n_tokens` (blocks vLLM already shares) are not written."""
-    if "lmcd-lmcache_driven" in request.node.name:
-        pytest.xfail("lmcd: skip_first_n_tokens on the host path not yet honoured")
     a = rig.worker(mode, seed=2)
     tokens = prompt(2 * CHUNK)
     assert a.store(rid("store"), tokens, [1, 2, 3, 4])
