@@ -24,7 +24,7 @@ from lmcd.enginepool import EnginePools, PoolJob
 from lmcd.errors import LmcdError, ProtocolError, RegistrationError, TransferError
 from lmcd.lookups import LookupJob, LookupJobs, Sessions
 from lmcd.ratelog import RateLimitedLog
-from lmcd.scheduler import RetrieveJob, StoreJob, TransferScheduler
+from lmcd.scheduler import RegistrationTurn, RetrieveJob, StoreJob, TransferScheduler
 from lmcd.storage import StorageManager
 from lmcd.tiering import LocalLookup, Promotion, Tiering
 from lmcd.wire import Dialect, Message, Unsupported, parse
@@ -64,6 +64,9 @@ from lmcd.wire.types import (
 )
 
 log = logging.getLogger(__name__)
+
+# What a data-plane request gets when admitted on arrival.
+_Admitted = StoreJob | RetrieveJob | PoolJob | RegistrationTurn
 
 Send = Callable[[list[bytes]], None]
 
@@ -193,7 +196,7 @@ class Handlers:
             # A RETRIEVE of chunks coming up from a lower tier is admitted
             # once they have arrived.
             try:
-                job: StoreJob | RetrieveJob | PoolJob | _AfterPromotion | None
+                job: _Admitted | _AfterPromotion | None
                 waits = self._promotions_for(request)
                 job = _AfterPromotion(waits) if waits else self._admit(request)
             except (TransferError, ValueError) as e:
@@ -227,7 +230,7 @@ class Handlers:
         dialect: Dialect,
         message: Message,
         request: Request,
-        job: StoreJob | RetrieveJob | PoolJob | _AfterPromotion | Later | None,
+        job: _Admitted | _AfterPromotion | Later | None,
     ) -> None:
         """Serve `request` in a task of its own (counted in flight)."""
         assert self._nursery is not None
@@ -519,7 +522,7 @@ class Handlers:
 
     # -- data plane (one task each) ------------------------------------------
 
-    def _admit(self, request: Request) -> StoreJob | RetrieveJob | PoolJob | None:
+    def _admit(self, request: Request) -> _Admitted | None:
         if self._closing:
             raise TransferError("not started: shutting down")
         if isinstance(request, Store):
@@ -537,6 +540,13 @@ class Handlers:
             except LmcdError:
                 self._release_span(request)
                 raise
+        if isinstance(request, RegisterKVCache):
+            return self.scheduler.take_turn(request.instance_id)
+        if isinstance(request, UnregisterKVCache):
+            pools = self.pools
+            if pools is not None and pools.registered(request.instance_id):
+                return None  # an engine-driven context (lmcache 0.4.6)
+            return self.scheduler.take_turn(request.instance_id)
         # -- engine-driven pools: admitted in arrival order, like copies --
         if isinstance(
             request, RegisterPool | UnregisterPool | CommitStore | PrepareRetrieve
@@ -562,7 +572,7 @@ class Handlers:
         dialect: Dialect,
         message: Message,
         request: Request,
-        job: StoreJob | RetrieveJob | PoolJob | _AfterPromotion | Later | None,
+        job: _Admitted | _AfterPromotion | Later | None,
     ) -> None:
         name = type(request).__name__
         try:
@@ -597,9 +607,7 @@ class Handlers:
             tiers.after_retrieve(waiting.promotions)
         return await self._serve_data(request, job)
 
-    async def _serve_data(
-        self, request: Request, job: StoreJob | RetrieveJob | PoolJob | None
-    ) -> object:
+    async def _serve_data(self, request: Request, job: _Admitted | None) -> object:
         if isinstance(job, PoolJob):  # engine-driven pools
             return await self._pools().run(job)
         if isinstance(job, StoreJob):
@@ -618,10 +626,12 @@ class Handlers:
             # The protocol has no error channel for REGISTER: a failure is
             # logged and counted, and the client still gets its (empty) reply.
             if request.refresh and self.scheduler.touch(request.instance_id):
-                # lmcache 0.5: registering a known instance only refreshes it.
-                return None
+                # lmcache 0.5: registering a known instance only refreshes it
+                # (after the id's earlier REGISTERs and UNREGISTERs).
+                async with self.scheduler.turn(_turn(job)):
+                    return None
             try:
-                await self.scheduler.register(request)
+                await self.scheduler.register(request, _turn(job))
             except RegistrationError as e:
                 self.counters.failed_requests += 1
                 log.error(  # noqa: TRY400 - expected failure, no traceback
@@ -629,12 +639,11 @@ class Handlers:
                 )
             return None
         if isinstance(request, UnregisterKVCache):
-            pools = self.pools
-            if pools is not None and pools.registered(request.instance_id):
+            if job is None:
                 # lmcache 0.4.6 unregisters its engine-driven context so.
-                await pools.unregister(request.instance_id)
+                await self._pools().unregister(request.instance_id)
             else:
-                await self.scheduler.unregister(request.instance_id)
+                await self.scheduler.unregister(request.instance_id, _turn(job))
             return None
         raise ProtocolError(f"no data-plane handler for {request!r}")
 
@@ -710,6 +719,12 @@ _DATA_PLANE = (
     CommitStore,
     PrepareRetrieve,
 )
+
+
+def _turn(job: object) -> RegistrationTurn:
+    # REGISTER and UNREGISTER take their turn when admitted (`_admit`).
+    assert isinstance(job, RegistrationTurn)
+    return job
 
 
 def _single_group(block_ids: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
