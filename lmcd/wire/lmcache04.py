@@ -471,9 +471,9 @@ def _table(release: Release) -> dict[int, _Entry]:
 # CLEAR never (see the module docstring); and END_SESSION is never at uid 0,
 # which leaves a fresh lmcache 0.5 client's `[0, 9, request_id]` (its
 # query_prefetch_status) to 0.5. Other shared shapes (a later `[9, id]`,
-# `[10, context]`, `[14, key, id]`) stay ambiguous and unanswered until the
-# connection binds (a 0.4 heartbeat does within one interval): a reply of
-# another release's type would kill the client.
+# `[10, context]`, `[14, key, id]`) stay ambiguous: held until the
+# connection binds (`DialectRouter.admit`; a 0.4 heartbeat binds within one
+# interval), as a reply of another release's type would kill the client.
 _FIRST_ONLY = {"0.4.7": frozenset({"GET_CHUNK_SIZE"})}
 _NEVER_FIRST: dict[str, frozenset[str]] = {
     "0.4.4": frozenset({"END_SESSION"}),
