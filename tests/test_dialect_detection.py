@@ -318,18 +318,7 @@ def test_under_auto_no_client_is_misread_from_any_starting_point(name: str) -> N
                 continue
             bound = router.dialect_of(b"c")
             assert bound is None or bound is right, bound
-            expected = _decoded(right, msg)
-            assert routed.request == expected
-            if routed.request is None:
-                assert routed.error is not None
-                assert routed.error.reply == _owed(right, msg)
-            elif routed.dialect is not right:
-                assert routed.dialect.failure(msg, expected) == right.failure(
-                    msg, expected
-                )
-                assert _reply(routed.dialect, msg, expected, None) == _reply(
-                    right, msg, expected, None
-                )
+            _check_release(right, Release(msg, routed))
 
 
 @pytest.mark.parametrize("name", list(SEQUENCES_04))
