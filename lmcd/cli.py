@@ -109,7 +109,7 @@ def serve(
     dialect: Annotated[
         str,
         typer.Option(
-            help="Client dialect: auto (lmcache 0.3 and 0.5, detected per "
+            help="Client dialect: auto (every dialect below, detected per "
             "connection), lmcache-0.3, lmcache-0.4.4, lmcache-0.4.6, "
             "lmcache-0.4.7 or lmcache-0.5, or several names separated by "
             "commas (detected among those)."

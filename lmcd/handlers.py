@@ -28,7 +28,7 @@ from lmcd.scheduler import RegistrationTurn, RetrieveJob, StoreJob, TransferSche
 from lmcd.storage import StorageManager
 from lmcd.tiering import LocalLookup, Promotion, Tiering
 from lmcd.wire import Dialect, Message, Unsupported, parse
-from lmcd.wire.detect import Ambiguous, DialectRouter
+from lmcd.wire.detect import Ambiguous, DialectRouter, Routed
 from lmcd.wire.types import (
     MAX_EXPANDED_KEYS,
     CacheKey,
@@ -124,15 +124,43 @@ class Handlers:
     _idle: trio.Event = attrs.field(factory=trio.Event)
     _unsupported_seen: set[str] = attrs.field(factory=set)
     _closing: bool = False
+    # Set when the router starts holding a message (its deadline to watch).
+    _holding: trio.Event = attrs.field(factory=trio.Event)
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Hold the nursery of data-plane request tasks."""
+        """Hold the nursery of data-plane request tasks, and drop messages
+        held past their deadline (`DialectRouter.admit`)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._expire_held)
             task_status.started()
             await trio.sleep_forever()
+
+    async def _expire_held(self) -> None:
+        router = self.router
+        while True:
+            deadline = router.next_deadline()
+            if deadline is None:
+                self._holding = trio.Event()
+                await self._holding.wait()
+                continue
+            await trio.sleep_until(deadline)
+            dropped = router.expire(trio.current_time())
+            self._count_dropped(len(dropped), dropped[0][1].op if dropped else None)
+
+    def _count_dropped(self, n: int, op: int | str | None) -> None:
+        if not n:
+            return
+        self.counters.ambiguous_messages += n
+        self._log_limit.warning(
+            "%d message(s) of an undetected client (type %r first) left "
+            "unanswered: its connection did not bind within %.0f s",
+            n,
+            op,
+            self.router.hold_seconds,
+        )
 
     async def drain(self) -> None:
         """Wait until no request task is running."""
@@ -163,8 +191,12 @@ class Handlers:
             self._malformed(f"unanswerable message: {e}")
             return
         self.counters.requests += 1
+        router = self.router
+        now = trio.current_time()
+        dropped = router.expire(now)  # what `admit` would drop unseen
+        self._count_dropped(len(dropped), dropped[0][1].op if dropped else None)
         try:
-            routed = self.router.route(identity, message)
+            released = router.admit(identity, message, now)
         except Ambiguous as e:
             self.counters.ambiguous_messages += 1
             self._log_limit.warning(
@@ -173,6 +205,13 @@ class Handlers:
                 e,
             )
             return
+        if not released:
+            self._holding.set()
+        for r in released:
+            self._serve(identity, r.message, r.routed)
+
+    def _serve(self, identity: bytes, message: Message, routed: Routed) -> None:
+        """Answer one routed message (inline, or in a task of its own)."""
         dialect = routed.dialect
         request = routed.request
         counts = self.counters.by_dialect
@@ -689,6 +728,8 @@ class Handlers:
             "failed_requests": self.counters.failed_requests,
             "malformed_messages": self.counters.malformed_messages,
             "ambiguous_messages": self.counters.ambiguous_messages,
+            "held_messages": self.router.held,
+            "released_messages": self.router.released_messages,
             "unsupported_requests": self.counters.unsupported_requests,
             "reaped_workers": self.counters.reaped_workers,
             "requests_by_dialect": dict(self.counters.by_dialect),

@@ -21,9 +21,9 @@ from lmcd.wire import (
     lmcache05,
     parse,
 )
-from lmcd.wire.detect import Ambiguous, DialectRouter
+from lmcd.wire.detect import Ambiguous, DialectRouter, Release
 from lmcd.wire.dialect import Dialect, Message
-from lmcd.wire.registry import DIALECTS
+from lmcd.wire.registry import DIALECTS, dialects_for
 from lmcd.wire.types import Ping, Request
 
 D03 = lmcache03.DIALECT
@@ -318,18 +318,7 @@ def test_under_auto_no_client_is_misread_from_any_starting_point(name: str) -> N
                 continue
             bound = router.dialect_of(b"c")
             assert bound is None or bound is right, bound
-            expected = _decoded(right, msg)
-            assert routed.request == expected
-            if routed.request is None:
-                assert routed.error is not None
-                assert routed.error.reply == _owed(right, msg)
-            elif routed.dialect is not right:
-                assert routed.dialect.failure(msg, expected) == right.failure(
-                    msg, expected
-                )
-                assert _reply(routed.dialect, msg, expected, None) == _reply(
-                    right, msg, expected, None
-                )
+            _check_release(right, Release(msg, routed))
 
 
 @pytest.mark.parametrize("name", list(SEQUENCES_04))
@@ -440,3 +429,140 @@ def test_a_fresh_05_client_may_start_with_a_status_query() -> None:
     )
     with pytest.raises(Ambiguous):
         router.route(b"y", parse([enc(3), enc(9), enc("req-1")]))
+
+
+# -- `--dialect auto` with holding (what the daemon does) ------------------------------
+
+AUTO = dialects_for("auto")
+
+
+def test_auto_detects_every_dialect() -> None:
+    assert set(AUTO) == set(ALL)
+
+
+def _check_release(right: Dialect, r: Release) -> None:
+    """`r` is served as `right` serves it: the same request, the same
+    failure and reply (with the right dialect, or one that owes the same)."""
+    msg, routed = r.message, r.routed
+    expected = _decoded(right, msg)
+    assert routed.request == expected
+    if routed.request is None:
+        assert routed.error is not None
+        assert routed.error.reply == _owed(right, msg)
+    elif routed.dialect is not right:
+        assert routed.dialect.failure(msg, expected) == right.failure(msg, expected)
+        assert _reply(routed.dialect, msg, expected, None) == _reply(
+            right, msg, expected, None
+        )
+
+
+@pytest.mark.parametrize("name", list(ALL_SEQUENCES))
+def test_under_auto_every_message_is_served_right_or_held(name: str) -> None:
+    """Every captured client, (re)connecting at any point of its stream:
+    each message is served as its own dialect reads it, in the order sent,
+    or held until its connection binds (then served so); what is still held
+    at the end of the stream waits for the heartbeat (`_MAY_WAIT`)."""
+    right, seq = ALL_SEQUENCES[name]
+    for start in range(len(seq)):
+        router = DialectRouter(AUTO)
+        order: list[bytes] = []
+        held: list[Message] = []
+        for i, frames in enumerate(seq[start:]):
+            msg = parse(frames)
+            out = router.admit(b"c", msg, float(i))
+            bound = router.dialect_of(b"c")
+            assert bound is None or bound is right, bound
+            if not out:
+                held.append(msg)
+                continue
+            assert [r.message for r in out] == [*held, msg]
+            held.clear()
+            for r in out:
+                _check_release(right, r)
+                order.append(r.message.uid)
+        assert router.held == len(held)
+        assert router.ambiguous_messages == 0
+        for msg in held[:1]:
+            # Only a message another dialect reads otherwise starts a hold.
+            assert _operation(right, msg) in _MAY_WAIT.get(right, set())
+        # Served in the order sent.
+        assert order == [parse(f).uid for f in seq[start:]][: len(order)]
+
+
+def test_a_05_status_query_after_a_restart_is_served_on_the_next_lookup() -> None:
+    """A 0.5 scheduler resuming after a daemon restart polls the status of a
+    lookup submitted before it (`[9, id]`, 0.4's END_SESSION): held, and
+    served as 0.5's status query, ahead of it, as soon as the scheduler sends
+    anything only 0.5 sends (its next lookup), not a heartbeat later."""
+    router = DialectRouter(AUTO)
+    query = parse([enc(7), enc(9), enc("req-1")])
+    assert router.admit(b"s", query, 0.0) == []
+    lookup = next(
+        parse(f)
+        for s in SEQUENCES.values()
+        for f in s
+        if lmcache05.operation(parse(f)) == "lookup" and D05.plausible(parse(f))
+    )
+    out = router.admit(b"s", lookup, 0.1)
+    assert [r.message for r in out] == [query, lookup]
+    assert all(r.routed.dialect is D05 for r in out)
+    assert out[0].routed.request == D05.decode(query)
+    assert router.dialect_of(b"s") is D05
+
+
+def test_a_04_end_session_after_a_restart_is_served_on_the_heartbeat() -> None:
+    """The same frames from a 0.4.6 client are its END_SESSION: held until
+    its heartbeat binds the connection, then served as 0.4.6 reads them."""
+    router = DialectRouter(AUTO)
+    end = parse([enc(7), enc(9), enc("req-1")])
+    assert router.admit(b"w", end, 0.0) == []
+    ping = parse([enc(8), enc(17)])  # 0.4.6 PING at a later uid
+    out = router.admit(b"w", ping, 3.0)
+    assert [r.message for r in out] == [end, ping]
+    assert out[0].routed.dialect is D046
+    assert out[0].routed.request == D046.decode(end)
+    assert out[1].routed.request == Ping()
+
+
+def _binds(right: Dialect, msg: Message) -> bool:
+    router = DialectRouter(AUTO)
+    router.admit(b"c", msg, 0.0)
+    return router.dialect_of(b"c") is right
+
+
+# A message of each real client that binds a fresh connection to its dialect.
+_BINDERS = {
+    right: next(parse(f) for f in seq if _binds(right, parse(f)))
+    for right, seq in (
+        (D03, SEQUENCES["0.3.13"]),
+        (D046, SEQUENCES_04["0.4.6 scheduler"][1]),
+        (D047, SEQUENCES_04["0.4.7 worker-a"][1]),
+        (D05, SEQUENCES["0.5.6 C:WorkerAdapter(lmcache_driven)"]),
+    )
+}
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.sampled_from(_ALL_OPS),
+    st.integers(0, 3),
+    st.lists(st.sampled_from(_payloads_all) | _values.map(enc), max_size=8),
+    st.sampled_from(list(_BINDERS)),
+)
+def test_a_held_message_is_served_as_the_bound_dialect_reads_it(
+    op: int | str, uid: int, payloads: list[bytes], right: Dialect
+) -> None:
+    """Whatever is held is served, once a client's message binds its
+    connection, exactly as that client's dialect reads it, first."""
+    msg = parse([enc(uid), enc(op), *payloads])
+    router = DialectRouter(AUTO)
+    try:
+        first = router.admit(b"x", msg, 0.0)
+    except Ambiguous:
+        return
+    if first:
+        return
+    out = router.admit(b"x", _BINDERS[right], 1.0)
+    assert [r.message for r in out] == [msg, _BINDERS[right]]
+    assert out[0].routed.dialect is right
+    _check_release(right, out[0])

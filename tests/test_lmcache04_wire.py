@@ -139,9 +139,15 @@ def test_dialect_names_and_the_registry() -> None:
     for name in ("lmcache-0.4.4", "lmcache-0.4.5", "lmcache-0.4.6", "lmcache-0.4.7"):
         assert name in choices()
     assert dialects_for("lmcache-0.4.5") == (LMCACHE_044,)
-    # auto detects 0.3 and 0.5; the 0.4 dialects are chosen explicitly.
+    # auto detects every dialect.
     auto = [d.name for d in dialects_for("auto")]
-    assert auto == ["lmcache-0.3", "lmcache-0.5"]
+    assert auto == [
+        "lmcache-0.3",
+        "lmcache-0.4.4",
+        "lmcache-0.4.6",
+        "lmcache-0.4.7",
+        "lmcache-0.5",
+    ]
     # Several named with commas: detected among those.
     mixed = dialects_for("lmcache-0.3, lmcache-0.4.5,lmcache-0.4.6")
     assert [d.name for d in mixed] == ["lmcache-0.3", "lmcache-0.4.4", "lmcache-0.4.6"]

@@ -377,10 +377,11 @@ def test_pickle_opcode_stream_is_checked(name: str, data: bytes, error: str) -> 
 
 
 def test_real_wrapper_passes_the_opcode_check() -> None:
-    from lmcd.wire.unpickle import MAX_PICKLE_BYTES, check_opcodes
+    from lmcd.wire.pickleguard import check_opcodes
+    from lmcd.wire.unpickle import MAX_PICKLE_BYTES, WRAPPER_RULES
 
     data = _real_wrapper()
-    check_opcodes(data)
+    check_opcodes(data, WRAPPER_RULES)
     assert len(data) * 4 < MAX_PICKLE_BYTES
     ref = load_cuda_ipc_wrapper(data)
     assert isinstance(ref, CudaTensorRef)

@@ -588,18 +588,24 @@ class Scheduler:
         model: str,
         block_size: int,
         timeout: float = 10.0,
+        heartbeat: float | None = None,
     ) -> Scheduler:
+        """The adapter, with `timeout` as its mq_timeout and `heartbeat` as
+        its heartbeat interval (None: lmcache's default)."""
         from lmcache.integration.vllm.vllm_multi_process_adapter import (
             LMCacheMPSchedulerAdapter,
         )
 
+        config: dict[str, float] = {"lmcache.mp.mq_timeout": timeout}
+        if heartbeat is not None:
+            config["lmcache.mp.heartbeat_interval"] = heartbeat
         adapter = LMCacheMPSchedulerAdapter(
             [url],
             context,
             model,
             block_size,
             single_rank(),
-            extra_config={"lmcache.mp.mq_timeout": timeout},
+            extra_config=config,
         )
         recorder = _RecordingClient(adapter.req_clients[url])
         adapter.req_clients[url] = recorder

@@ -77,18 +77,17 @@ from lmcd.wire.types import (
     FreeLookupLocks,
     GetChunkSize,
     HostTensorRef,
-    LayoutHints,
     Noop,
     Ping,
     PreparedSlots,
     PrepareRetrieve,
     PrepareStore,
     QueryLookup,
-    RegisterKVCache,
     Request,
     RetrieveSpan,
     StartLookup,
     StoreSpan,
+    TensorRef,
     TokenSpan,
     UnregisterKVCache,
     UnregisterPool,
@@ -177,15 +176,10 @@ _BLEND_PAYLOADS = {
 # -- wire shapes ------------------------------------------------------------------
 
 
-class _Hints(msgspec.Struct, forbid_unknown_fields=True):
-    """lmcache 0.4's `LayoutHints` TypedDict: every key optional."""
+class _Hints(tk.HintFields, forbid_unknown_fields=True):
+    """lmcache 0.4's `LayoutHints`."""
 
     kv_layout: Literal["NHD", "HND"] | None = None
-    num_kv_heads: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] | None = None
-    tokens_per_block: Annotated[int, msgspec.Meta(ge=1, le=MAX_BLOCK_SIZE)] | None = (
-        None
-    )
-    head_dim: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] | None = None
     # 0.4.5-0.4.6: the engine's logical block size (a compressed layout's).
     inference_engine_logical_block_size: (
         Annotated[int, msgspec.Meta(ge=1, le=MAX_BLOCK_SIZE)] | None
@@ -195,9 +189,6 @@ class _Hints(msgspec.Struct, forbid_unknown_fields=True):
 _ENGINES = frozenset({"vllm", "sglang", "trtllm", "mock"})
 
 _key = msgspec.msgpack.Decoder(tk.KeyFields)
-_exts = msgspec.msgpack.Decoder(
-    Annotated[list[msgspec.msgpack.Ext], msgspec.Meta(max_length=MAX_LAYERS)]
-)
 _hints = msgspec.msgpack.Decoder(_Hints | None)
 _groups = msgspec.msgpack.Decoder(
     Annotated[list[tk.GroupInfo], msgspec.Meta(max_length=MAX_LAYERS)]
@@ -218,44 +209,27 @@ def _span(data: bytes, *, tp_size: int = 1, empty_ok: bool = False) -> TokenSpan
 
 
 def _register(p: Sequence[bytes], *, engine: bool, groups: bool) -> Request:
-    instance_id = tk.instance_id(p[0])
-    exts = _exts.decode(p[1])
-    model_name = tk.model_name(p[2])
-    world_size = tk.world_size(p[3])
     rest = list(p[4:])
-    engine_type = None
-    if engine:
-        engine_type = tk.str_decoder.decode(rest.pop(0))
-        if engine_type not in _ENGINES:
-            raise ProtocolError(f"unknown engine type {engine_type!r}")
-    hints = _hints.decode(rest.pop(0)) or _Hints()
-    infos = _groups.decode(rest.pop(0)) if groups else []
-    if not exts:
-        raise ProtocolError("REGISTER_KV_CACHE without KV tensors")
-    layers = []
-    for ext in exts:
-        if ext.code != 1:
-            raise ProtocolError(f"tensor extension code {ext.code}, expected 1")
-        ref = load_wrapper_04(bytes(ext.data))
+    engine_type = tk.str_decoder.decode(rest.pop(0)) if engine else None
+
+    def tensor(data: bytes) -> TensorRef:
+        ref = load_wrapper_04(data)
         if isinstance(ref, HostTensorRef) and engine_type in (None, "vllm"):
-            ref = _vllm_cpu_view(ref)
-        layers.append(ref)
-    return RegisterKVCache(
-        instance_id=instance_id,
-        layers=tuple(layers),
-        model_name=model_name,
-        world_size=world_size,
-        groups=tk.engine_groups(infos, len(layers)),
-        # lmcache 0.4's server skips the registration of a known instance.
-        refresh=True,
-        pings=False,
+            return _vllm_cpu_view(ref)
+        return ref
+
+    return tk.register_kv_cache(
+        instance_id=tk.instance_id(p[0]),
+        tensors=tk.tensors_decoder.decode(p[1]),
+        tensor=tensor,
+        model_name=tk.model_name(p[2]),
+        world_size=tk.world_size(p[3]),
         engine=engine_type,
-        hints=LayoutHints(
-            kv_layout=hints.kv_layout,
-            num_kv_heads=hints.num_kv_heads,
-            tokens_per_block=hints.tokens_per_block,
-            head_dim=hints.head_dim,
-        ),
+        engines=_ENGINES,
+        hints=_hints.decode(rest.pop(0)),
+        groups=_groups.decode(rest.pop(0)) if groups else [],
+        # lmcache 0.4's heartbeat names no instance: never reaped.
+        pings=False,
     )
 
 
@@ -497,9 +471,9 @@ def _table(release: Release) -> dict[int, _Entry]:
 # CLEAR never (see the module docstring); and END_SESSION is never at uid 0,
 # which leaves a fresh lmcache 0.5 client's `[0, 9, request_id]` (its
 # query_prefetch_status) to 0.5. Other shared shapes (a later `[9, id]`,
-# `[10, context]`, `[14, key, id]`) stay ambiguous and unanswered until the
-# connection binds (a 0.4 heartbeat does within one interval): a reply of
-# another release's type would kill the client.
+# `[10, context]`, `[14, key, id]`) stay ambiguous: held until the
+# connection binds (`DialectRouter.admit`; a 0.4 heartbeat binds within one
+# interval), as a reply of another release's type would kill the client.
 _FIRST_ONLY = {"0.4.7": frozenset({"GET_CHUNK_SIZE"})}
 _NEVER_FIRST: dict[str, frozenset[str]] = {
     "0.4.4": frozenset({"END_SESSION"}),

@@ -60,13 +60,11 @@ from lmcd.wire.types import (
     EndSession,
     FreeLookupLocks,
     GetChunkSize,
-    LayoutHints,
     Noop,
     Ping,
     PrepareRetrieve,
     PrepareStore,
     QueryLookup,
-    RegisterKVCache,
     Request,
     RetrieveSpan,
     StartLookup,
@@ -156,16 +154,11 @@ class _Key(tk.KeyFields, forbid_unknown_fields=True):
     num_kv_readers: Annotated[int, msgspec.Meta(ge=0, le=MAX_READERS)] = 0
 
 
-class _Hints(msgspec.Struct, forbid_unknown_fields=True):
-    """lmcache's `LayoutHints` TypedDict: every key optional."""
+class _Hints(tk.HintFields, forbid_unknown_fields=True):
+    """lmcache 0.5's `LayoutHints`."""
 
     kv_layout: Literal["NHD", "HND", "BLHNC", "BLNHC"] | None = None
-    num_kv_heads: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] | None = None
-    tokens_per_block: Annotated[int, msgspec.Meta(ge=1, le=MAX_BLOCK_SIZE)] | None = (
-        None
-    )
     kv_list_layout: Literal["k_v", "unified"] | None = None
-    head_dim: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] | None = None
 
 
 class _GroupInfo(tk.GroupInfo, forbid_unknown_fields=True):
@@ -192,9 +185,6 @@ _str = tk.str_decoder
 _bool = tk.bool_decoder
 _float = msgspec.msgpack.Decoder(float)
 _bytes = tk.bytes_decoder
-_exts = msgspec.msgpack.Decoder(
-    Annotated[list[msgspec.msgpack.Ext], msgspec.Meta(max_length=MAX_LAYERS)]
-)
 _hints = msgspec.msgpack.Decoder(_Hints)
 _groups = msgspec.msgpack.Decoder(
     Annotated[list[_GroupInfo], msgspec.Meta(max_length=MAX_LAYERS)]
@@ -245,37 +235,17 @@ def _span(data: bytes, *, empty_ok: bool = False) -> TokenSpan:
 
 
 def _register(p: Sequence[bytes]) -> Request:
-    instance_id = _instance_id(p[0])
-    exts = _exts.decode(p[1])
-    model_name = _model_name(p[2])
-    world_size = tk.world_size(p[3])
-    engine = _str.decode(p[4])
-    if engine not in _ENGINES:
-        raise ProtocolError(f"unknown engine type {engine!r}")
-    hints = _hints.decode(p[5])
-    infos = _groups.decode(p[6])
-    if not exts:
-        raise ProtocolError("register_kv_cache without KV tensors")
-    layers = []
-    for ext in exts:
-        if ext.code != 1:
-            raise ProtocolError(f"tensor extension code {ext.code}, expected 1")
-        layers.append(decode_descriptor(memoryview(ext.data)))
-    return RegisterKVCache(
-        instance_id=instance_id,
-        layers=tuple(layers),
-        model_name=model_name,
-        world_size=world_size,
-        groups=tk.engine_groups(infos, len(layers)),
-        refresh=True,
-        engine=engine,
-        hints=LayoutHints(
-            kv_layout=hints.kv_layout,
-            num_kv_heads=hints.num_kv_heads,
-            tokens_per_block=hints.tokens_per_block,
-            kv_list_layout=hints.kv_list_layout,
-            head_dim=hints.head_dim,
-        ),
+    return tk.register_kv_cache(
+        instance_id=_instance_id(p[0]),
+        tensors=tk.tensors_decoder.decode(p[1]),
+        tensor=lambda data: decode_descriptor(memoryview(data)),
+        model_name=_model_name(p[2]),
+        world_size=tk.world_size(p[3]),
+        engine=_str.decode(p[4]),
+        engines=_ENGINES,
+        hints=_hints.decode(p[5]),
+        groups=_groups.decode(p[6]),
+        pings=True,
     )
 
 

@@ -18,12 +18,14 @@ ALIASES = {"lmcache-0.4.5": lmcache04.LMCACHE_044.name}
 """Releases that speak another's dialect (0.4.5 numbers its types as 0.4.4)."""
 
 
-# What `--dialect auto` detects: 0.3 and 0.5. A 0.5 scheduler resuming after
-# a daemon restart sends status queries (`[9, request_id]`) that are also
-# lmcache 0.4's END_SESSION; with the 0.4 dialects detected too they wait for
-# its next heartbeat (at most 10 s) to bind the connection. So the 0.4
-# dialects are named: alone, or in a list of the dialects to detect among.
-AUTO_DIALECTS = (lmcache03.NAME, lmcache05.NAME)
+# What `--dialect auto` detects: every dialect. Frames that several of them
+# read differently (0.5's status query `[9, request_id]` is 0.4's
+# END_SESSION) are held until the connection binds (`DialectRouter.admit`).
+AUTO_DIALECTS = (
+    lmcache03.NAME,
+    *(d.name for d in lmcache04.DIALECTS),
+    lmcache05.NAME,
+)
 
 
 def choices() -> list[str]:

@@ -12,9 +12,10 @@ gives it:
          torch.storage._load_from_bytes(<legacy torch.save of one storage>),
          offset, size, stride, False, collections.OrderedDict()), ...]
 
-- `load_tensors` first walks the opcodes (`pickletools.genops`, which
-  builds nothing): the size is bounded, only data opcodes, calls (REDUCE)
-  and global lookups are allowed, memo indices are bounded. Then an
+- `load_tensors` reads it through `lmcd.wire.pickleguard`, which first
+  walks the opcodes (`pickletools.genops`, which builds nothing): the size
+  and opcode count are bounded, only data opcodes, calls (REDUCE) and
+  global lookups are allowed, memo indices and nesting are bounded. Then an
   unpickler whose `find_class` knows only the names above, each mapped to a
   stand-in defined here (torch is never imported), reads it. The stand-ins
   only check their arguments and slice bytes: `_load_from_bytes` parses the
@@ -37,21 +38,23 @@ from __future__ import annotations
 import io
 import math
 import pickle
-import pickletools
 import struct
-from collections.abc import Iterable, Mapping, Sequence
-from typing import IO, Any
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import attrs
 
 from lmcd.errors import ProtocolError
 from lmcd.transfer.layouts import DTYPE_SIZES
+from lmcd.wire import pickleguard as pg
 from lmcd.wire.types import ChunkData
 
 MAX_TENSORS = 4096
 """Tensors one pickle may hold (a store of 4096 chunks is a 1M-token range
 at chunk size 256)."""
 MAX_MEMO = 1 << 16
+MAX_NESTING = 8
+"""How deep a tensor pickle's containers may nest (torch's: 3)."""
 MAX_DIMS = 8
 OPS_PER_TENSOR = 64
 """Opcodes one tensor may take in the list (torch writes about 30)."""
@@ -83,143 +86,28 @@ _UNTYPED = "UntypedStorage"
 # the memo, global lookups and calls (REDUCE: only of the stand-ins below).
 # Nothing that builds an arbitrary instance (INST, OBJ, NEWOBJ*, BUILD),
 # extension registries, persistent ids or out-of-band buffers.
-_DATA_OPS = frozenset(
-    {
-        "PROTO",
-        "FRAME",
-        "STOP",
-        "MARK",
-        "NONE",
-        "NEWTRUE",
-        "NEWFALSE",
-        "BININT",
-        "BININT1",
-        "BININT2",
-        "LONG1",
-        "SHORT_BINUNICODE",
-        "BINUNICODE",
-        "SHORT_BINBYTES",
-        "BINBYTES",
-        "BINBYTES8",
-        "EMPTY_TUPLE",
-        "TUPLE",
-        "TUPLE1",
-        "TUPLE2",
-        "TUPLE3",
-        "EMPTY_LIST",
-        "APPEND",
-        "APPENDS",
-        "PUT",
-        "BINPUT",
-        "LONG_BINPUT",
-        "MEMOIZE",
-        "GET",
-        "BINGET",
-        "LONG_BINGET",
-    }
-)
+_DATA_OPS = pg.FRAMING | pg.SCALARS | {"BINBYTES8"} | pg.MEMO | pg.TUPLES | pg.LISTS
 OUTER_OPS = _DATA_OPS | {"GLOBAL", "STACK_GLOBAL", "REDUCE"}
 """What the list of tensors may use."""
 # The legacy container's small pickles: its system-info dict, the storage
 # by persistent id (the only place a persistent id is allowed) and the key
 # list. Protocol 2: GLOBAL, never STACK_GLOBAL; no calls at all.
-_INNER_OPS = _DATA_OPS | {"EMPTY_DICT", "DICT", "SETITEM", "SETITEMS", "GLOBAL"}
+_INNER_OPS = _DATA_OPS | pg.DICTS | {"GLOBAL"}
 _STORAGE_OPS = _INNER_OPS | {"BINPERSID"}
 
 
-_MEMO_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"})
+def _rules(opcodes: frozenset[str], limit: int, max_ops: int = 1024) -> pg.PickleRules:
+    return pg.PickleRules(
+        opcodes,
+        max_bytes=limit,
+        max_memo=MAX_MEMO,
+        max_nesting=MAX_NESTING,
+        max_ops=max_ops,
+    )
 
 
-def check_opcodes(
-    data: bytes | memoryview | IO[bytes],
-    allowed: frozenset[str],
-    limit: int,
-    max_ops: int = 1024,
-) -> int:
-    """Walk one pickle's opcodes without building anything. Raises
-    `ProtocolError` if it is longer than `limit` bytes or than `max_ops`
-    opcodes, uses an opcode not in `allowed` or a memo index of `MAX_MEMO`
-    or more, or is malformed. Returns its length (a file is read from its
-    position to the STOP)."""
-    stream = io.BytesIO(data) if isinstance(data, bytes | memoryview) else data
-    start = stream.tell()
-    ops = pickletools.genops(stream)
-    n = 0
-    while True:
-        try:
-            op, arg, pos = next(ops)
-        except StopIteration:
-            break
-        except Exception as e:  # genops raises ValueError and others
-            raise ProtocolError(f"malformed pickle: {e}") from e
-        n += 1
-        _check_op(op.name, arg, allowed)
-        if n > max_ops:
-            raise ProtocolError(f"pickle of over {max_ops} opcodes")
-        if (pos or start) - start > limit:
-            raise ProtocolError(f"pickle longer than {limit} bytes")
-    length = stream.tell() - start
-    if length > limit:
-        raise ProtocolError(f"pickle of {length} bytes, over {limit}")
-    return length
-
-
-def _check_op(name: str, arg: Any, allowed: frozenset[str]) -> None:
-    if name not in allowed:
-        raise ProtocolError(f"pickle opcode {name} is not allowed")
-    if name in _MEMO_OPS and not 0 <= int(arg) < MAX_MEMO:
-        raise ProtocolError(f"pickle memo index {arg}")
-
-
-class _Unpickler(pickle.Unpickler):
-    """Only the globals in `allowed` (each a stand-in); no persistent ids
-    unless `persistent` is given."""
-
-    def __init__(
-        self,
-        stream: IO[bytes],
-        allowed: Mapping[tuple[str, str], Any],
-        persistent: Any = None,
-    ) -> None:
-        super().__init__(stream)
-        self._allowed = allowed
-        self._persistent = persistent
-
-    def find_class(self, module: str, name: str) -> Any:
-        found = self._allowed.get((module, name))
-        if found is None:
-            raise ProtocolError(
-                f"pickle refers to {module}.{name}, which is not allowed"
-            )
-        return found
-
-    def persistent_load(self, pid: object) -> Any:
-        if self._persistent is None:
-            raise ProtocolError("pickle persistent ids are not allowed here")
-        return self._persistent(pid)
-
-
-def _load(
-    stream: IO[bytes],
-    allowed_ops: frozenset[str],
-    limit: int,
-    allowed: Mapping[tuple[str, str], Any],
-    persistent: Any = None,
-    max_ops: int = 1024,
-) -> Any:
-    """One checked pickle from `stream` (from its position)."""
-    start = stream.tell()
-    length = check_opcodes(stream, allowed_ops, limit, max_ops)
-    stream.seek(start)
-    try:
-        value = _Unpickler(stream, allowed, persistent).load()
-    except ProtocolError:
-        raise
-    except Exception as e:  # the unpickler raises many kinds; all mean "bad"
-        raise ProtocolError(f"cannot unpickle: {e}") from e
-    if stream.tell() != start + length:
-        raise ProtocolError("pickle read past its opcodes")
-    return value
+_INNER = _rules(_INNER_OPS, MAX_SMALL_PICKLE)
+_STORAGE = _rules(_STORAGE_OPS, MAX_SMALL_PICKLE)
 
 
 # -- stand-ins -------------------------------------------------------------------
@@ -301,17 +189,17 @@ def _load_from_bytes(blob: object) -> _Storage:
     if not isinstance(blob, bytes):
         raise ProtocolError("_load_from_bytes takes bytes")
     stream = io.BytesIO(blob)
-    if _load(stream, _INNER_OPS, MAX_SMALL_PICKLE, {}) != MAGIC_NUMBER:
+    if pg.load(stream, _INNER, {}) != MAGIC_NUMBER:
         raise ProtocolError("storage blob without torch's magic number")
-    if _load(stream, _INNER_OPS, MAX_SMALL_PICKLE, {}) != PROTOCOL_VERSION:
+    if pg.load(stream, _INNER, {}) != PROTOCOL_VERSION:
         raise ProtocolError("storage blob of another protocol version")
-    info = _load(stream, _INNER_OPS, MAX_SMALL_PICKLE, {})
+    info = pg.load(stream, _INNER, {})
     if not isinstance(info, dict) or info.get("little_endian") is not True:
         raise ProtocolError("storage blob not from a little-endian machine")
-    ref = _load(stream, _STORAGE_OPS, MAX_SMALL_PICKLE, _STORAGE_GLOBALS, _storage_ref)
+    ref = pg.load(stream, _STORAGE, _STORAGE_GLOBALS, _storage_ref)
     if not isinstance(ref, _StorageRef):
         raise ProtocolError("storage blob does not hold one storage")
-    keys = _load(stream, _INNER_OPS, MAX_SMALL_PICKLE, {})
+    keys = pg.load(stream, _INNER, {})
     if keys != [ref.key]:
         raise ProtocolError("storage blob lists other storages than the one it holds")
     header = stream.read(8)
@@ -436,13 +324,8 @@ def load_tensors(
     if len(data) > max_bytes:
         raise ProtocolError(f"pickle of {len(data)} bytes, over {max_bytes}")
     limits = _Limits(max_tensors)
-    value = _load(
-        io.BytesIO(data),
-        OUTER_OPS,
-        max_bytes,
-        _outer_globals(limits),
-        max_ops=OPS_PER_TENSOR * max_tensors + 16,
-    )
+    rules = _rules(OUTER_OPS, max_bytes, OPS_PER_TENSOR * max_tensors + 16)
+    value = pg.load(data, rules, _outer_globals(limits))
     if not isinstance(value, list) or not all(isinstance(t, ChunkData) for t in value):
         raise ProtocolError("pickle does not hold a list of tensors")
     if len(value) > max_tensors:  # one tensor may be listed many times

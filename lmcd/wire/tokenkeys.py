@@ -33,11 +33,14 @@ from lmcd.wire.types import (
     MAX_WORLD_SIZE,
     CopyResult,
     EngineGroup,
+    LayoutHints,
     PoolInfo,
     PreparedSlots,
+    RegisterKVCache,
     RegisterPool,
     ReportBlockAllocation,
     Request,
+    TensorRef,
     TokenSpan,
 )
 
@@ -255,6 +258,78 @@ def engine_groups(infos: Sequence[GroupInfo], layers: int) -> tuple[EngineGroup,
             )
         )
     return tuple(groups)
+
+
+class HintFields(msgspec.Struct, forbid_unknown_fields=True):
+    """lmcache's `LayoutHints` TypedDict, every key optional: the keys every
+    release sends (each dialect's subclass adds its `kv_layout` values and
+    its own keys)."""
+
+    num_kv_heads: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] | None = None
+    tokens_per_block: Annotated[int, msgspec.Meta(ge=1, le=MAX_BLOCK_SIZE)] | None = (
+        None
+    )
+    head_dim: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] | None = None
+
+
+tensors_decoder = msgspec.msgpack.Decoder(
+    Annotated[list[msgspec.msgpack.Ext], msgspec.Meta(max_length=MAX_LAYERS)]
+)
+"""A registration's KV tensors: one extension (code 1) per layer."""
+
+
+def register_kv_cache(
+    *,
+    instance_id: int,
+    tensors: Sequence[msgspec.msgpack.Ext],
+    tensor: Callable[[bytes], TensorRef],
+    model_name: str,
+    world_size: int,
+    engine: str | None,
+    engines: frozenset[str],
+    hints: HintFields | None,
+    groups: Sequence[GroupInfo],
+    pings: bool,
+) -> RegisterKVCache:
+    """The neutral REGISTER_KV_CACHE of lmcache 0.4 and 0.5: `tensor` reads
+    one tensor extension's data (each release its own encoding); `engine`
+    (None: the release does not send it) must be one of `engines`;
+    `pings`: whether the client's heartbeat names the instance (0.5), so
+    that lmcd may reap it when the heartbeat stops.
+
+    Raises `ProtocolError` for an unknown engine, no tensors, an extension
+    of another code, a group naming a missing layer, and whatever `tensor`
+    raises.
+    """
+    if engine is not None and engine not in engines:
+        raise ProtocolError(f"unknown engine type {engine!r}")
+    if not tensors:
+        raise ProtocolError("REGISTER_KV_CACHE without KV tensors")
+    layers = []
+    for ext in tensors:
+        if ext.code != 1:
+            raise ProtocolError(f"tensor extension code {ext.code}, expected 1")
+        layers.append(tensor(bytes(ext.data)))
+    h = hints if hints is not None else HintFields()
+    return RegisterKVCache(
+        instance_id=instance_id,
+        layers=tuple(layers),
+        model_name=model_name,
+        world_size=world_size,
+        groups=engine_groups(groups, len(layers)),
+        # A known instance registering again only refreshes it (lmcache's
+        # servers skip it).
+        refresh=True,
+        pings=pings,
+        engine=engine,
+        hints=LayoutHints(
+            kv_layout=getattr(h, "kv_layout", None),
+            num_kv_heads=h.num_kv_heads,
+            tokens_per_block=h.tokens_per_block,
+            kv_list_layout=getattr(h, "kv_list_layout", None),
+            head_dim=h.head_dim,
+        ),
+    )
 
 
 class PoolFields(msgspec.Struct, forbid_unknown_fields=True):

@@ -1,35 +1,27 @@
 """A restricted unpickler for lmcache's pickled tensor-handle wrappers.
 
-Unpickling bytes from a socket is remote code execution, and even without a
-single global a pickle can make the unpickler allocate without bound (one
-`LONG_BINPUT` with index 2**32-1 sizes the memo to 4 billion slots). So a
-pickle is checked twice:
-
-1. Before unpickling, `check_opcodes` reads its opcode stream with
-   `pickletools.genops` (which builds no objects): at most `MAX_PICKLE_BYTES`
-   bytes, only the opcodes in `ALLOWED_OPCODES`, memo indices below
-   `MAX_MEMO`, and containers nested at most `MAX_NESTING` deep (tracked by a
-   small simulation of the unpickler's stack).
-2. While unpickling, `find_class` admits only the globals of the allowlist
-   and maps each to a harmless stand-in defined here (lmcache and torch are
-   never imported): a `WrapperClass` (today lmcache 0.3's `CudaIPCWrapper`)
-   -> a stand-in that records the attributes lmcache sets; `torch.Size` -> a
-   function returning a tuple of ints; `torch.<dtype>` -> the dtype's name.
+A wrapper pickle is read by `lmcd.wire.pickleguard` under `WRAPPER_RULES`:
+at most `MAX_PICKLE_BYTES` bytes, only the opcodes in `ALLOWED_OPCODES`,
+memo indices below `MAX_MEMO`, containers nested at most `MAX_NESTING`
+deep; then `find_class` admits only the globals of the allowlist and maps
+each to a harmless stand-in defined here (lmcache and torch are never
+imported): a `WrapperClass` (lmcache 0.3's `CudaIPCWrapper`, 0.4's
+wrappers) -> a stand-in that records the attributes lmcache sets;
+`torch.Size` -> a function returning a tuple of ints; `torch.<dtype>` ->
+the dtype's name.
 
 Every failure, whatever the unpickler raised, is a `ProtocolError`.
 """
 
 from __future__ import annotations
 
-import io
-import pickle
-import pickletools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
 
 from lmcd.errors import ProtocolError
+from lmcd.wire import pickleguard as pg
 from lmcd.wire.descriptors import UnsupportedDescriptor, shm_tensor, view_bytes
 from lmcd.wire.types import CudaTensorRef, HostTensorRef, TensorRef
 
@@ -69,152 +61,23 @@ _MAX_UUID = 128
 # What protocols 2-5 emit for the wrappers; nothing that calls arbitrary
 # code (INST, OBJ, NEWOBJ_EX, EXT*, PERSID), mutates lists or sets, or
 # carries out-of-band buffers.
-_PUSH_SCALAR = frozenset(
-    {
-        "NONE",
-        "NEWTRUE",
-        "NEWFALSE",
-        "BININT",
-        "BININT1",
-        "BININT2",
-        "LONG1",
-        "SHORT_BINUNICODE",
-        "BINUNICODE",
-        "SHORT_BINBYTES",
-        "BINBYTES",
-        "GLOBAL",
-    }
-)
-_PUT = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
-_GET = frozenset({"GET", "BINGET", "LONG_BINGET"})
-_TUPLE_N = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
-ALLOWED_OPCODES = frozenset(
-    {
-        *_PUSH_SCALAR,
-        *_PUT,
-        *_GET,
-        *_TUPLE_N,
-        "PROTO",
-        "FRAME",
-        "STOP",
-        "MARK",
-        "MEMOIZE",
-        "STACK_GLOBAL",
-        "EMPTY_TUPLE",
-        "TUPLE",
-        "EMPTY_DICT",
-        "DICT",
-        "SETITEM",
-        "SETITEMS",
-        "REDUCE",
-        "NEWOBJ",
-        "BUILD",
-    }
+ALLOWED_OPCODES = (
+    pg.FRAMING
+    | pg.SCALARS
+    | pg.MEMO
+    | pg.TUPLES
+    | pg.DICTS
+    | {"GLOBAL", "STACK_GLOBAL", "REDUCE", "NEWOBJ", "BUILD"}
 )
 
 
-def check_opcodes(data: bytes) -> None:
-    """Refuse a pickle that is too large, uses an opcode outside
-    `ALLOWED_OPCODES`, a memo index of `MAX_MEMO` or more, or nests deeper than
-    `MAX_NESTING`. Raises `ProtocolError`; builds no objects."""
-    if len(data) > MAX_PICKLE_BYTES:
-        raise ProtocolError(f"pickle is {len(data)} bytes, over {MAX_PICKLE_BYTES}")
-    model = _StackModel()
-    end = 0
-    try:
-        for op, arg, pos in pickletools.genops(data):
-            model.step(op.name, arg)
-            end = (pos or 0) + 1
-    except ProtocolError:
-        raise
-    except Exception as e:  # genops raises ValueError and others on bad bytes
-        raise ProtocolError(f"malformed pickle: {e}") from e
-    if not model.stopped:
-        raise ProtocolError("pickle has no STOP")
-    if end != len(data):
-        # genops and the unpickler stop at STOP; nothing may hide behind it.
-        raise ProtocolError(f"pickle has {len(data) - end} bytes after STOP")
-
-
-@attrs.define(slots=True)
-class _StackModel:
-    """The unpickler's stack and memo, holding each object's nesting depth
-    instead of the object."""
-
-    stack: list[int] = attrs.field(factory=list)
-    marks: list[int] = attrs.field(factory=list)
-    memo: dict[int, int] = attrs.field(factory=dict)
-    stopped: bool = False
-
-    def step(self, name: str, arg: Any) -> None:
-        if self.stopped or name not in ALLOWED_OPCODES:
-            raise ProtocolError(f"pickle opcode {name} is not allowed")
-        if name in _PUSH_SCALAR:
-            self.push(0)
-        elif name in _PUT:
-            self.set_memo(arg)
-        elif name == "MEMOIZE":
-            self.set_memo(len(self.memo))
-        elif name in _GET:
-            if arg not in self.memo:
-                raise ProtocolError(f"pickle reads memo index {arg}, never stored")
-            self.push(self.memo[arg])
-        elif name == "MARK":
-            self.marks.append(len(self.stack))
-        elif name in ("EMPTY_TUPLE", "EMPTY_DICT"):
-            self.push(1)
-        elif name in ("TUPLE", "DICT"):
-            self.push(_nest(self.pop_mark()))
-        elif name in _TUPLE_N:
-            self.push(_nest(self.pop(_TUPLE_N[name])))
-        elif name == "STACK_GLOBAL":
-            self.pop(2)
-            self.push(0)
-        elif name in ("REDUCE", "NEWOBJ"):
-            _, args = self.pop(2)
-            self.push(max(args, 1))
-        elif name in ("SETITEM", "SETITEMS", "BUILD"):
-            n = {"SETITEM": 2, "BUILD": 1}.get(name)
-            items = self.pop(n) if n is not None else self.pop_mark()
-            (target,) = self.pop(1)
-            self.push(max(target, _nest(items)))
-        elif name == "STOP":
-            if len(self.stack) != 1 or self.marks:
-                raise ProtocolError("pickle does not end with one object")
-            self.stopped = True
-        # PROTO and FRAME only announce what follows.
-
-    def push(self, depth: int) -> None:
-        if depth > MAX_NESTING:
-            raise ProtocolError(f"pickle nests deeper than {MAX_NESTING}")
-        self.stack.append(depth)
-
-    def pop(self, n: int) -> list[int]:
-        stack = self.stack
-        if len(stack) - (self.marks[-1] if self.marks else 0) < n:
-            raise ProtocolError("pickle stack underflow")
-        items = stack[len(stack) - n :]
-        del stack[len(stack) - n :]
-        return items
-
-    def pop_mark(self) -> list[int]:
-        if not self.marks:
-            raise ProtocolError("pickle stack has no mark")
-        start = self.marks.pop()
-        items = self.stack[start:]
-        del self.stack[start:]
-        return items
-
-    def set_memo(self, index: int) -> None:
-        if not 0 <= index < MAX_MEMO:
-            raise ProtocolError(f"pickle memo index {index} not below {MAX_MEMO}")
-        if not self.stack:
-            raise ProtocolError("pickle memoizes an empty stack")
-        self.memo[index] = self.stack[-1]
-
-
-def _nest(items: list[int]) -> int:
-    return 1 + max(items, default=0)
+WRAPPER_RULES = pg.PickleRules(
+    ALLOWED_OPCODES,
+    max_bytes=MAX_PICKLE_BYTES,
+    max_memo=MAX_MEMO,
+    max_nesting=MAX_NESTING,
+    max_ops=MAX_PICKLE_BYTES,
+)
 
 
 @attrs.frozen
@@ -271,36 +134,13 @@ def allowed_globals(wrappers: Iterable[WrapperClass]) -> dict[tuple[str, str], A
     return allowed
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, allowed: Mapping[tuple[str, str], Any]) -> None:
-        super().__init__(io.BytesIO(data))
-        self._allowed = allowed
-
-    def find_class(self, module: str, name: str) -> Any:
-        found = self._allowed.get((module, name))
-        if found is None:
-            raise ProtocolError(
-                f"pickle refers to {module}.{name}, which is not allowed"
-            )
-        return found
-
-    def persistent_load(self, pid: object) -> Any:
-        raise ProtocolError("pickle persistent ids are not allowed")
-
-
 def load_wrapper(
     data: bytes, allowed: Mapping[tuple[str, str], Any], what: str
 ) -> TensorRef:
     """Unpickle one wrapper of the classes in `allowed` (from
     `allowed_globals`) into a `TensorRef`. Raises `ProtocolError` for
     anything else, before any object other than the stand-ins is built."""
-    check_opcodes(data)
-    try:
-        obj = _RestrictedUnpickler(data, allowed).load()
-    except ProtocolError:
-        raise
-    except Exception as e:  # pickle raises many kinds; all mean "bad payload"
-        raise ProtocolError(f"cannot unpickle {what}: {e}") from e
+    obj = pg.load(data, WRAPPER_RULES, allowed)
     if not isinstance(obj, _WrapperState):
         raise ProtocolError(f"pickle does not hold a {what}")
     if obj.state is None:

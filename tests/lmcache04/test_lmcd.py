@@ -32,6 +32,7 @@ from tests.lmcache04.rig import (
     stop_and_restart,
     untouched,
 )
+from tests.peers import run as peers
 
 TYPES = {n: i for i, n in enumerate(ORDER[VERSION], 1)}  # type: ignore[index]
 enc = msgspec.msgpack.encode
@@ -202,3 +203,54 @@ def test_one_daemon_serves_03_04_and_05_clients_at_once(
         c03.close()
         c05.close()
         kv.close()
+
+
+@pytest.mark.skipif(
+    not (peers.available("lmcache03") and peers.available("lmcache05")),
+    reason="needs the lmcache 0.3.13 and 0.5.6 environments (tests.peers.run)",
+)
+def test_one_auto_daemon_serves_real_0313_04_and_056_clients_at_once(
+    lmcd_mixed_server: Any, context: Any, tmp_path: Path
+) -> None:
+    """`--dialect auto`: the real lmcache 0.3.13 client and the real 0.5.6
+    adapters (each from its own environment, in a subprocess) and the real
+    0.4.x adapters (here) store, look up and retrieve at the same time, each
+    round bytes-equal, none misread or left waiting."""
+    server = lmcd_mixed_server
+    with Client("127.0.0.1", server.port) as probe:
+        before = probe.stats()
+    running = [
+        peers.start(name, server.url, tmp_path) for name in ("lmcache03", "lmcache05")
+    ]
+    rig = Rig(server.url, context, model="auto-04")
+    try:
+        peers.wait_ready(running, tmp_path)
+        a = rig.worker(DATA, seed=12)
+        scheduler = rig.scheduler()
+        b = rig.worker(DATA)
+        (tmp_path / "go").touch()
+        rounds = 0
+        deadline = time.monotonic() + 3.0
+        while rounds < 3 or time.monotonic() < deadline:
+            tokens = prompt(2 * CHUNK)
+            assert a.store(rid("store"), tokens, [1, 2, 3, 4])
+            assert scheduler.wait_stored(tokens, 2 * CHUNK) == 2 * CHUNK
+            load = rid("load")
+            assert scheduler.lookup(load, tokens) == 2 * CHUNK
+            assert b.retrieve(load, tokens, [5, 6, 7, 8])
+            assert blocks_equal(a.kv, [1, 2, 3, 4], b.kv, [5, 6, 7, 8])
+            rounds += 1
+        done = peers.finish(running, tmp_path)
+        assert min(done.values()) >= peers.MIN_ROUNDS
+        with Client("127.0.0.1", server.port) as probe:
+            stats = probe.stats()
+        connections = stats["connections_by_dialect"]
+        assert connections["lmcache-0.3"] >= 1
+        assert connections["lmcache-0.5"] >= 3
+        assert connections[NAMES[VERSION]] >= 3  # type: ignore[index]
+        assert stats["ambiguous_messages"] == before["ambiguous_messages"]
+        assert stats["held_messages"] == 0
+        assert "lmcache-0.4.6" in stats["dialects"]  # auto, not a named list
+    finally:
+        peers.kill(running)
+        rig.close()

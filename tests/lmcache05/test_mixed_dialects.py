@@ -10,12 +10,13 @@ side is lmcache's real scheduler and worker adapters.
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmcd.benchmarks.lmcache05 import blocks_equal, zmq_context
+from lmcd.benchmarks.lmcache05 import Scheduler, blocks_equal, zmq_context
 from lmcd.client import Client
 from lmcd.shmkv import SharedKVCache
 from lmcd.spawn import free_port, serve_command, stop, wait_ready
@@ -126,5 +127,72 @@ def test_a_03_client_and_056_adapters_share_one_daemon(tmp_path: Path) -> None:
     finally:
         rig.close()
         kv.close()
+        ctx.term()
+        stop(proc)
+
+
+def test_a_status_query_first_after_a_restart_is_answered_promptly(
+    tmp_path: Path,
+) -> None:
+    """`--dialect auto` detects the 0.4 dialects too, whose END_SESSION has
+    the frames of 0.5's query_prefetch_status (`[9, request_id]`). A 0.5
+    scheduler whose first message to a restarted daemon is such a query
+    (its lookup was acknowledged by the old daemon) is not left waiting for
+    its next heartbeat (set to a minute here): the query is held until the
+    scheduler's next lookup binds the connection, then answered first, as
+    0.5's status query."""
+    port = free_port()
+    log = tmp_path / "lmcd.log"
+    proc = _start(port, log)
+    ctx = zmq_context()
+    rig = Rig(f"tcp://127.0.0.1:{port}", ctx, model="resume-05")
+    try:
+        worker = rig.worker(seed=3)
+        tokens = prompt(2 * CHUNK)
+        assert worker.store(rid("store"), tokens, [1, 2, 3, 4])
+        scheduler = Scheduler.start(
+            rig.url, ctx, model=rig.model, block_size=BLOCK, timeout=5.0, heartbeat=60.0
+        )
+        rig.opened.append(scheduler)
+        adapter = scheduler.adapter
+        assert scheduler.lookup(rid("warm"), tokens) == 2 * CHUNK  # bound, served
+
+        # A lookup the old daemon acknowledges; its status is not asked yet.
+        first = rid("first")
+        adapter.maybe_submit_lookup_request(first, list(tokens))
+        for fut in adapter._unacked_lookups[first].futures.values():
+            fut.result(5.0)  # raises TimeoutError if unanswered
+        stop(proc)
+        proc = _start(port, log)
+        assert adapter.is_healthy  # no heartbeat noticed the restart
+
+        # The query is the first message the new daemon sees: held.
+        assert adapter.check_lookup_result(first) is None
+        time.sleep(0.5)
+        assert adapter.check_lookup_result(first) is None
+        # The scheduler's next lookup binds the connection to 0.5: the query
+        # is answered (0: the new daemon has no such lookup), then the lookup.
+        started = time.monotonic()
+        second = rid("second")
+        adapter.maybe_submit_lookup_request(second, list(tokens))
+        while (hit := adapter.check_lookup_result(first)) is None:
+            assert time.monotonic() - started < 3.0, "the held query was not served"
+            time.sleep(0.01)
+        assert hit == 0
+        assert adapter.is_healthy
+        adapter.cleanup_lookup_result(first)
+        while (hit := adapter.check_lookup_result(second)) is None:
+            assert time.monotonic() - started < 3.0
+            time.sleep(0.01)
+        assert hit == 0  # the new daemon is empty
+        assert adapter.is_healthy
+        with Client("127.0.0.1", port) as probe:
+            stats = probe.stats()
+        assert stats["released_messages"] == 1
+        assert stats["ambiguous_messages"] == 0
+        assert stats["held_messages"] == 0
+        assert "lmcache-0.4.6" in stats["dialects"]  # auto includes 0.4
+    finally:
+        rig.close()
         ctx.term()
         stop(proc)
