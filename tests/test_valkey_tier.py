@@ -26,6 +26,7 @@ from lmcd.benchmarks.valkey_cluster import LocalCluster, free_ports, local_clust
 from lmcd.errors import ConfigError, TierError
 from lmcd_backends.protocol import ObjectId
 from lmcd_backends.remote import ValkeyTier, parse_url
+from lmcd_backends.remote import client as client_module
 from lmcd_backends.remote.layout import (
     KeySpace,
     Manifest,
@@ -417,14 +418,21 @@ async def test_damaged_chunks_are_misses(
         await tier.aclose()
 
 
+@pytest.mark.parametrize("window", ["all", "one chunk", "two chunks"])
 async def test_pipelined_batches_across_nodes_with_damaged_chunks(
-    valkey_cluster: LocalCluster, prefix: str
+    valkey_cluster: LocalCluster,
+    prefix: str,
+    window: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Chunks of every node read in pipelined batches, without and with
-    manifests from `contains`: one damaged chunk per node (a part altered,
+    manifests from `contains`, with every request sent at once or a window
+    of one or two chunks ahead: one damaged chunk per node (a part altered,
     a part deleted, a part of another length) is a miss, and its neighbours
     in the same batch, read before and after it on the same connection, are
     bit-exact."""
+    ahead = {"all": client_module.PIPELINE_BYTES, "one chunk": 1}
+    monkeypatch.setattr(client_module, "PIPELINE_BYTES", ahead.get(window, MiB + 8))
     c = valkey_cluster
     tier = make(c, prefix, part_size=256 * KiB, read_threads=3)
     keys = tier._client.keys

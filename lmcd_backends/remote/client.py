@@ -39,6 +39,9 @@ log = logging.getLogger("lmcd.remote")
 
 # Idle connections kept per node (one per worker thread is enough).
 MAX_IDLE = 16
+# How far a batched read's requests may run ahead of the replies it has
+# read: bounds what one reader has the server queue for its connection.
+PIPELINE_BYTES = 64 << 20
 # Superseded or orphaned parts (of a lost race, or under a TTL) outlive
 # their manifest by this much, so that a reader that just read the manifest
 # still finds them.
@@ -581,14 +584,22 @@ class RemoteClient:
                 for i, m in enumerate(manifests)
                 if outcomes[i] is None and m is not None
             ]
-            out = []
-            for _, m in reading:
-                for key in self.keys.parts(m):
-                    out += _command("GET", key)
-            if out:
-                conn.send(out, deadline)
+            # Requests run ahead of the replies read by up to PIPELINE_BYTES
+            # (at least one chunk): what the server holds queued for this
+            # connection stays bounded, however large the batch.
+            sent = ahead = 0
             for i, m in reading:
+                if sent < len(reading) and ahead < PIPELINE_BYTES:
+                    out = []
+                    while sent < len(reading) and ahead < PIPELINE_BYTES:
+                        chunk = reading[sent][1]
+                        for key in self.keys.parts(chunk):
+                            out += _command("GET", key)
+                        ahead += chunk.oid.nbytes
+                        sent += 1
+                    conn.send(out, deadline)
                 outcomes[i] = self._read_parts(conn, m, items[i][1], deadline)
+                ahead -= m.oid.nbytes
             self.release(node, conn)
         except ConnectionFailed as e:
             self.failed(node, conn, e)
