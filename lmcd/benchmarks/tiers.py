@@ -18,7 +18,9 @@ measured in the same run on the same machine:
 - **cross-daemon retrieve**: daemon A stores N chunks, daemon B (empty
   CPU) looks them up and retrieves them through a 3-master Valkey cluster
   on loopback, in GB/s, against a raw-socket floor (plain TCP, messages of
-  the chunk size, as many connections as B's read threads; goal >= 50%).
+  the chunk size, as many connections as B's read threads) measured in
+  every round beside it; goal: median per-round ratio >= 50%. B's
+  retrieve of the same chunks once local is shown beside it.
 """
 
 from __future__ import annotations
