@@ -128,6 +128,52 @@ def test_parse_url() -> None:
     assert "pw" not in repr(ValkeyTier("valkey://u:pw@h:1"))
 
 
+def test_bulk_read_checksums_what_arrives_in_pieces() -> None:
+    """`read_bulk_crc32c` over a socket fed in odd pieces (part of a bulk
+    already buffered with its header, the rest received straight into the
+    view): the bytes and the CRC32C match; a missing key, an error and a
+    bulk of another length give no checksum and leave the stream in step."""
+    from crc32c import crc32c
+
+    from lmcd_backends.remote.resp import Connection, ErrorReply, WrongSize
+
+    data = random.Random(7).randbytes(300_000)
+    stream = (
+        b"$%d\r\n" % len(data) + data + b"\r\n"
+        b"$-1\r\n-ERR nope\r\n$3\r\nabc\r\n"
+        b"$%d\r\n" % len(data) + data + b"\r\n"
+    )
+    ours, theirs = socket.socketpair()
+    conn = Connection("127.0.0.1", 0)
+    conn._sock = ours
+
+    def feed() -> None:
+        pos, step = 0, 1
+        while pos < len(stream):
+            theirs.sendall(stream[pos : pos + step])
+            pos += step
+            step = step * 7 % 65_521 + 1
+            time.sleep(0.0005)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        deadline = time.monotonic() + 30
+        view = memoryview(bytearray(len(data)))
+        assert conn.read_bulk_crc32c(view, deadline) == (len(data), crc32c(data))
+        assert bytes(view) == data
+        assert conn.read_bulk_crc32c(view, deadline) == (None, 0)
+        assert conn.read_bulk_crc32c(view, deadline) == (ErrorReply("ERR nope"), 0)
+        assert conn.read_bulk_crc32c(view, deadline) == (WrongSize(3), 0)
+        view[:] = bytes(len(data))
+        assert conn.read_bulk_crc32c(view, deadline) == (len(data), crc32c(data))
+        assert bytes(view) == data
+    finally:
+        feeder.join()
+        conn.close()
+        theirs.close()
+
+
 # -- on a shared cluster and a standalone server ---------------------------------
 
 SIZES = [4 * KiB, 4 * KiB + 1, MiB, 4 * MiB, 4 * MiB + 1, 32 * MiB]

@@ -3,9 +3,9 @@
 Just what the Valkey tier needs, measured faster per byte than the client
 libraries under Trio (docs/valkey.md): commands are scatter-sent straight
 from the caller's memory, and a bulk reply of known length is received
-straight into the caller's buffer (`read_bulk_into`), so a chunk crosses
-user space once. Used from worker threads only; one connection serves one
-thread at a time. No trio, no torch.
+straight into the caller's buffer (`read_bulk_crc32c`), so a chunk crosses
+user space once, checksummed on the way. Used from worker threads only;
+one connection serves one thread at a time. No trio, no torch.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class WrongSize:
 Reply = None | int | str | bytes | ErrorReply | list["Reply"]
 
 # A generic reply bigger than this is a protocol violation for our use (the
-# large values are read with `read_bulk_into`).
+# large values are read with `read_bulk_crc32c`).
 MAX_REPLY_BYTES = 16 << 20
 MAX_REPLY_ITEMS = 1 << 20
 
@@ -226,29 +226,17 @@ class Connection:
             return [self.read_reply(deadline) for _ in range(n)]
         raise ConnectionFailed(f"unexpected reply type {line[:20]!r}")
 
-    def read_bulk_into(
-        self, view: memoryview, deadline: float
-    ) -> int | ErrorReply | WrongSize | None:
-        """Read a bulk reply expected to be `len(view)` bytes into `view`.
-
-        Returns `len(view)` when it filled `view`, else what came instead:
-        None for a missing key, an `ErrorReply`, or `WrongSize` for a bulk
-        of another length (its bytes are skipped; the connection stays
-        usable)."""
-        return self._read_bulk(view, deadline, False)[0]
-
     def read_bulk_crc32c(
         self, view: memoryview, deadline: float
     ) -> tuple[int | ErrorReply | WrongSize | None, int]:
-        """`read_bulk_into`, plus the CRC32C of the bytes received into
-        `view` (0 unless it was filled), computed piece by piece as they
-        arrive, while they are still in the CPU's cache: no second pass
-        over the buffer."""
-        return self._read_bulk(view, deadline, True)
+        """Read a bulk reply expected to be `len(view)` bytes into `view`,
+        and the CRC32C of those bytes, taken piece by piece as they arrive
+        (still in the CPU's cache: no second pass over the buffer).
 
-    def _read_bulk(
-        self, view: memoryview, deadline: float, checksum: bool
-    ) -> tuple[int | ErrorReply | WrongSize | None, int]:
+        Returns (`len(view)`, its CRC32C) when it filled `view`, else what
+        came instead and 0: None for a missing key, an `ErrorReply`, or
+        `WrongSize` for a bulk of another length (its bytes are skipped;
+        the connection stays usable)."""
         line = self._read_line(deadline)
         kind = line[:1]
         if kind != b"$":
@@ -261,7 +249,7 @@ class Connection:
         if n != len(view):
             self._skip(n + 2, deadline)
             return WrongSize(n), 0
-        crc = self._read_exact(view, deadline, checksum)
+        crc = self._read_exact(view, deadline, checksum=True)
         self._expect_crlf(deadline)
         return n, crc
 
