@@ -26,6 +26,7 @@ from lmcd.benchmarks.valkey_cluster import LocalCluster, free_ports, local_clust
 from lmcd.errors import ConfigError, TierError
 from lmcd_backends.protocol import ObjectId
 from lmcd_backends.remote import ValkeyTier, parse_url
+from lmcd_backends.remote import client as client_module
 from lmcd_backends.remote.layout import (
     KeySpace,
     Manifest,
@@ -125,6 +126,52 @@ def test_parse_url() -> None:
     with pytest.raises(ConfigError):
         ValkeyTier("valkey://h:1", mode="sharded")
     assert "pw" not in repr(ValkeyTier("valkey://u:pw@h:1"))
+
+
+def test_bulk_read_checksums_what_arrives_in_pieces() -> None:
+    """`read_bulk_crc32c` over a socket fed in odd pieces (part of a bulk
+    already buffered with its header, the rest received straight into the
+    view): the bytes and the CRC32C match; a missing key, an error and a
+    bulk of another length give no checksum and leave the stream in step."""
+    from crc32c import crc32c
+
+    from lmcd_backends.remote.resp import Connection, ErrorReply, WrongSize
+
+    data = random.Random(7).randbytes(300_000)
+    stream = (
+        b"$%d\r\n" % len(data) + data + b"\r\n"
+        b"$-1\r\n-ERR nope\r\n$3\r\nabc\r\n"
+        b"$%d\r\n" % len(data) + data + b"\r\n"
+    )
+    ours, theirs = socket.socketpair()
+    conn = Connection("127.0.0.1", 0)
+    conn._sock = ours
+
+    def feed() -> None:
+        pos, step = 0, 1
+        while pos < len(stream):
+            theirs.sendall(stream[pos : pos + step])
+            pos += step
+            step = step * 7 % 65_521 + 1
+            time.sleep(0.0005)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        deadline = time.monotonic() + 30
+        view = memoryview(bytearray(len(data)))
+        assert conn.read_bulk_crc32c(view, deadline) == (len(data), crc32c(data))
+        assert bytes(view) == data
+        assert conn.read_bulk_crc32c(view, deadline) == (None, 0)
+        assert conn.read_bulk_crc32c(view, deadline) == (ErrorReply("ERR nope"), 0)
+        assert conn.read_bulk_crc32c(view, deadline) == (WrongSize(3), 0)
+        view[:] = bytes(len(data))
+        assert conn.read_bulk_crc32c(view, deadline) == (len(data), crc32c(data))
+        assert bytes(view) == data
+    finally:
+        feeder.join()
+        conn.close()
+        theirs.close()
 
 
 # -- on a shared cluster and a standalone server ---------------------------------
@@ -417,14 +464,93 @@ async def test_damaged_chunks_are_misses(
         await tier.aclose()
 
 
+@pytest.mark.parametrize("window", ["all", "one chunk", "two chunks"])
+async def test_pipelined_batches_across_nodes_with_damaged_chunks(
+    valkey_cluster: LocalCluster,
+    prefix: str,
+    window: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Chunks of every node read in pipelined batches, without and with
+    manifests from `contains`, with every request sent at once or a window
+    of one or two chunks ahead: one damaged chunk per node (a part altered,
+    a part deleted, a part of another length) is a miss, and its neighbours
+    in the same batch, read before and after it on the same connection, are
+    bit-exact."""
+    ahead = {"all": client_module.PIPELINE_BYTES, "one chunk": 1}
+    monkeypatch.setattr(client_module, "PIPELINE_BYTES", ahead.get(window, MiB + 8))
+    c = valkey_cluster
+    tier = make(c, prefix, part_size=256 * KiB, read_threads=3)
+    keys = tier._client.keys
+    with trio.fail_after(TIMEOUT):
+        ids = _spread(tier, c, 5, nbytes=MiB + 7)  # 5 per node, 5 parts each
+        # In the middle of each node's batch.
+        damaged = [ids[2], ids[6], ids[13]]
+
+        async def store_and_damage() -> None:
+            assert await tier.put([(i, payload(i)) for i in ids]) == [True] * 15
+            for o, how in zip(damaged, ("alter", "del", "short"), strict=True):
+                node = c.node_of(keys.manifest(o))
+                m = decode_manifest(c.call(node, "GET", keys.manifest(o)), o)
+                part = keys.part(o, m.write_id, 3)
+                if how == "alter":
+                    c.call(node, "SETRANGE", part, "1000", b"\x00\x01\x02")
+                elif how == "del":
+                    c.call(node, "DEL", part)
+                else:
+                    c.call(node, "SET", part, b"short")
+
+        for with_contains in (False, True):
+            await store_and_damage()
+            if with_contains:
+                assert await tier.contains(ids) == [True] * 15  # manifests intact
+            bufs = [bytearray(i.nbytes) for i in ids]
+            before = tier.usage().verify_failures
+            got = await tier.get_into(list(zip(ids, bufs, strict=True)))
+            assert got == [i not in damaged for i in ids]
+            for i, b in zip(ids, bufs, strict=True):
+                if i not in damaged:
+                    assert bytes(b) == payload(i)
+            assert tier.usage().verify_failures == before + 3
+            # The broken manifests were removed: the next put rewrites them.
+            assert await tier.contains(ids) == [i not in damaged for i in ids]
+        await tier.aclose()
+
+
+async def test_a_manifest_from_contains_that_went_stale_is_read_afresh(
+    valkey_cluster: LocalCluster, prefix: str
+) -> None:
+    """Between `contains` and `get_into` the chunk is removed and written
+    again by someone else (another write id, other bytes): the promotion
+    reads the new write, never a mix, never a miss it could avoid; a chunk
+    removed for good is a plain miss."""
+    tier = make(valkey_cluster, prefix, part_size=MiB)
+    other = make(valkey_cluster, prefix, part_size=512 * KiB)
+    with trio.fail_after(TIMEOUT):
+        a, b = oid(1, 3 * MiB), oid(2, 2 * MiB)
+        assert await tier.put([(a, payload(a)), (b, payload(b))]) == [True, True]
+        assert await tier.contains([a, b]) == [True, True]
+        await other.delete([a, b])
+        assert await other.put([(a, payload(a, b"v2"))]) == [True]
+        bufs = [bytearray(a.nbytes), bytearray(b.nbytes)]
+        got = await tier.get_into([(a, bufs[0]), (b, bufs[1])])
+        assert got == [True, False]
+        assert bytes(bufs[0]) == payload(a, b"v2")
+        assert tier.statistics().misses == 1
+        await other.aclose()
+        await tier.aclose()
+
+
 # -- failures on clusters of their own ---------------------------------------------
 
 
-def _spread(tier: ValkeyTier, cluster: LocalCluster, count: int) -> list[ObjectId]:
+def _spread(
+    tier: ValkeyTier, cluster: LocalCluster, count: int, nbytes: int = 256 * KiB
+) -> list[ObjectId]:
     """`count` ids per node, grouped by node in cluster order."""
     per: dict[int, list[ObjectId]] = {n.port: [] for n in cluster.nodes}
     for n in range(10_000):
-        o = oid(n, 256 * KiB)
+        o = oid(n, nbytes)
         port = cluster.node_of(tier._client.keys.manifest(o)).port
         if len(per[port]) < count:
             per[port].append(o)

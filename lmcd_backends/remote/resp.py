@@ -3,9 +3,9 @@
 Just what the Valkey tier needs, measured faster per byte than the client
 libraries under Trio (docs/valkey.md): commands are scatter-sent straight
 from the caller's memory, and a bulk reply of known length is received
-straight into the caller's buffer (`read_bulk_into`), so a chunk crosses
-user space once. Used from worker threads only; one connection serves one
-thread at a time. No trio, no torch.
+straight into the caller's buffer (`read_bulk_crc32c`), so a chunk crosses
+user space once, checksummed on the way. Used from worker threads only;
+one connection serves one thread at a time. No trio, no torch.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 
 import attrs
+from crc32c import crc32c as _crc32c
 
 Buffer = bytes | bytearray | memoryview
 
@@ -60,7 +61,7 @@ class WrongSize:
 Reply = None | int | str | bytes | ErrorReply | list["Reply"]
 
 # A generic reply bigger than this is a protocol violation for our use (the
-# large values are read with `read_bulk_into`).
+# large values are read with `read_bulk_crc32c`).
 MAX_REPLY_BYTES = 16 << 20
 MAX_REPLY_ITEMS = 1 << 20
 
@@ -225,30 +226,32 @@ class Connection:
             return [self.read_reply(deadline) for _ in range(n)]
         raise ConnectionFailed(f"unexpected reply type {line[:20]!r}")
 
-    def read_bulk_into(
+    def read_bulk_crc32c(
         self, view: memoryview, deadline: float
-    ) -> int | ErrorReply | WrongSize | None:
-        """Read a bulk reply expected to be `len(view)` bytes into `view`.
+    ) -> tuple[int | ErrorReply | WrongSize | None, int]:
+        """Read a bulk reply expected to be `len(view)` bytes into `view`,
+        and the CRC32C of those bytes, taken piece by piece as they arrive
+        (still in the CPU's cache: no second pass over the buffer).
 
-        Returns `len(view)` when it filled `view`, else what came instead:
-        None for a missing key, an `ErrorReply`, or `WrongSize` for a bulk
-        of another length (its bytes are skipped; the connection stays
-        usable)."""
+        Returns (`len(view)`, its CRC32C) when it filled `view`, else what
+        came instead and 0: None for a missing key, an `ErrorReply`, or
+        `WrongSize` for a bulk of another length (its bytes are skipped;
+        the connection stays usable)."""
         line = self._read_line(deadline)
         kind = line[:1]
         if kind != b"$":
             if kind == b"-":
-                return ErrorReply(line[1:].decode("utf-8", "replace"))
+                return ErrorReply(line[1:].decode("utf-8", "replace")), 0
             raise ConnectionFailed(f"unexpected reply type {line[:20]!r}")
         n = self._int(line[1:])
         if n < 0:
-            return None
+            return None, 0
         if n != len(view):
             self._skip(n + 2, deadline)
-            return WrongSize(n)
-        self._read_exact(view, deadline)
+            return WrongSize(n), 0
+        crc = self._read_exact(view, deadline, checksum=True)
         self._expect_crlf(deadline)
-        return n
+        return n, crc
 
     # -- internals ----------------------------------------------------------------
 
@@ -295,13 +298,20 @@ class Connection:
                 return line
             self._fill(deadline)
 
-    def _read_exact(self, view: memoryview, deadline: float) -> None:
+    def _read_exact(
+        self, view: memoryview, deadline: float, checksum: bool = False
+    ) -> int:
+        """Fill `view`; returns the CRC32C of its bytes with `checksum`
+        (else 0)."""
+        crc = 0
         got = min(len(view), self._end - self._start)
         if got:
             view[:got] = self._view[self._start : self._start + got]
             self._start += got
+            if checksum:
+                crc = _crc32c(view[:got], crc)
         if got == len(view):
-            return
+            return crc
         sock = self._require()
         try:
             while got < len(view):
@@ -309,11 +319,14 @@ class Connection:
                 n = sock.recv_into(view[got:])
                 if n == 0:
                     raise ConnectionFailed("connection closed by the server")
+                if checksum:
+                    crc = _crc32c(view[got : got + n], crc)
                 got += n
         except TimeoutError as e:
             raise ConnectionFailed("receive timed out", timeout=True) from e
         except OSError as e:
             raise ConnectionFailed(f"receive failed: {e}") from e
+        return crc
 
     def _expect_crlf(self, deadline: float) -> None:
         while self._end - self._start < 2:

@@ -14,6 +14,7 @@ import os
 import ssl
 import time
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -41,6 +42,12 @@ DEFAULT_PORT = 6379
 # behind it) and the output buffer a reader holds there.
 DEFAULT_PART_SIZE = 4 * MiB
 MAX_PART_SIZE = 512 * MiB  # the server's proto-max-bulk-len default
+# Manifests found by `contains` are kept this long (and at most this many)
+# for the `get_into` that usually follows (a promotion): it then asks for
+# the parts at once, one round trip fewer per chunk. A stale one only costs
+# a second read (`RemoteClient.get_chunks`).
+MANIFEST_MEMO_S = 2.0
+MANIFEST_MEMO_MAX = 4096
 
 
 @attrs.frozen
@@ -262,6 +269,9 @@ class ValkeyTier:
     _write_limiter: trio.CapacityLimiter = attrs.field(init=False)
     _lookup_limiter: trio.CapacityLimiter = attrs.field(init=False)
     _inflight: int = attrs.field(default=0, init=False)
+    _memo: OrderedDict[ObjectId, tuple[Manifest, float]] = attrs.field(
+        factory=OrderedDict, init=False
+    )
     _queued: int = attrs.field(default=0, init=False)
     _busy: int = attrs.field(default=0, init=False)
     _idle: trio.Event | None = attrs.field(default=None, init=False)
@@ -394,9 +404,11 @@ class ValkeyTier:
                         lambda: self._client.read_manifests(node, oids, deadline),
                         len(indexes),
                     )
+                now = time.monotonic()
                 for i, r in zip(indexes, results, strict=True):
                     if isinstance(r, Manifest):
                         out[i] = True
+                        self._remember(r, now)
                     elif r is not Outcome.MISS:
                         self._counters.failure(r)
                         self._note(r, ids[i], "lookup")
@@ -411,36 +423,58 @@ class ValkeyTier:
     async def get_into(self, items: Sequence[tuple[ObjectId, Any]]) -> list[bool]:
         """Fill each buffer with its verified chunk; False (buffer contents
         unspecified) for a miss, a damaged chunk, a failure, or a node that
-        is down. Chunks go in parallel over `read_threads` workers."""
+        is down. The chunks of each node go in batches (about `read_threads`
+        in all, every node at once), each batch on one connection with all
+        its requests pipelined."""
         views = [_view(buf, oid, writable=True) for oid, buf in items]
         async with self._call():
             out = [False] * len(items)
 
-            async def one(i: int) -> None:
-                oid = items[i][0]
-                view = views[i]
-                if self._down(oid):  # fail fast, without even a thread
-                    self._counters.fast_fails += 1
+            async def batch(node: Node, indexes: list[int]) -> None:
+                if node.down:  # fail fast, without even a thread
+                    self._counters.fast_fails += len(indexes)
                     return
-                outcome = await self._run(
+                work = [
+                    (items[i][0], views[i], self._recall(items[i][0])) for i in indexes
+                ]
+                nbytes = sum(items[i][0].nbytes for i in indexes)
+                outcomes = await self._run(
                     self._read_limiter,
-                    lambda: self._client.get_chunk(
-                        oid, view, self._deadline(oid.nbytes)
-                    ),
-                    1,
+                    lambda: self._client.get_chunks(node, work, self._deadline(nbytes)),
+                    len(indexes),
                 )
-                if outcome is Outcome.HIT:
-                    out[i] = True
-                    self._counters.hits += 1
-                    self._counters.read_bytes += oid.nbytes
-                elif outcome is Outcome.MISS:
-                    self._counters.misses += 1
-                else:
-                    self._counters.failure(outcome)
-                    self._note(outcome, oid, "read")
+                for i, outcome in zip(indexes, outcomes, strict=True):
+                    oid = items[i][0]
+                    if outcome is Outcome.HIT:
+                        out[i] = True
+                        self._counters.hits += 1
+                        self._counters.read_bytes += oid.nbytes
+                    elif outcome is Outcome.MISS:
+                        self._counters.misses += 1
+                    else:
+                        self._counters.failure(outcome)
+                        self._note(outcome, oid, "read")
 
-            await self._each(range(len(items)), one)
+            async with trio.open_nursery() as nursery:
+                for node, indexes in self._batches(items):
+                    nursery.start_soon(batch, node, indexes)
             return out
+
+    def _batches(
+        self, items: Sequence[tuple[ObjectId, Any]]
+    ) -> list[tuple[Node, list[int]]]:
+        """`items`' indexes by node, each node's split into batches so that
+        there are about `read_threads` batches in all, in proportion to each
+        node's bytes (at least one per node)."""
+        ids = [oid for oid, _ in items]
+        groups = self._group(range(len(items)), ids)
+        total = sum(o.nbytes for o in ids) or 1
+        out: list[tuple[Node, list[int]]] = []
+        for node, indexes in groups:
+            share = sum(ids[i].nbytes for i in indexes) / total
+            n = max(1, min(len(indexes), round(self.read_threads * share)))
+            out += [(node, indexes[k::n]) for k in range(n)]
+        return out
 
     async def put(self, items: Sequence[tuple[ObjectId, Any]]) -> list[bool]:
         """Store each chunk unless the cluster already holds it (True either
@@ -502,6 +536,8 @@ class ValkeyTier:
         down keeps its copy, which TTL or eviction removes later)."""
         async with self._call():
             deadline = time.monotonic() + self.timeout
+            for oid in ids:
+                self._memo.pop(oid, None)
 
             async def one(node: Node, indexes: list[int]) -> None:
                 oids = [ids[i] for i in indexes]
@@ -551,6 +587,21 @@ class ValkeyTier:
         """Whether `oid`'s node is marked down (or there is no topology)."""
         node = self._client.route(oid)
         return node is None or node.down
+
+    def _remember(self, m: Manifest, now: float) -> None:
+        memo = self._memo
+        memo[m.oid] = (m, now)
+        memo.move_to_end(m.oid)
+        while len(memo) > MANIFEST_MEMO_MAX:
+            memo.popitem(last=False)
+
+    def _recall(self, oid: ObjectId) -> Manifest | None:
+        """The manifest `contains` found for `oid` moments ago, if any
+        (taken: one use)."""
+        found = self._memo.pop(oid, None)
+        if found is None or time.monotonic() - found[1] > MANIFEST_MEMO_S:
+            return None
+        return found[0]
 
     def _one_thread_per_node(self, nodes: int) -> None:
         # Every node's batch of one call must start at once: a batch queued
