@@ -9,11 +9,16 @@ tests_lmcache047 (lmcache 0.4.6, 0.4.7), lint and typing.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import nox
 
+# tests_lmcache05 first: its environment (lmcache 0.5.6) and the tests
+# session's (0.3.13) are the peers other sessions start clients from.
 nox.options.sessions = [
-    "tests",
     "tests_lmcache05",
+    "tests",
     "tests_lmcache046",
     "tests_lmcache047",
     "lint",
@@ -73,6 +78,20 @@ LMCACHE_046 = "lmcache==0.4.6"
 LMCACHE_047 = "lmcache==0.4.7"
 
 
+def peer_env(session: nox.Session) -> dict[str, str]:
+    """Where tests find the other releases' clients (tests/peers): the
+    environments of the tests and tests_lmcache05 sessions. Under CI a test
+    that needs a missing one fails instead of skipping."""
+    root = Path(__file__).resolve().parent / ".nox"
+    env = {
+        "LMCD_PYTHON_LMCACHE03": str(root / "tests" / "bin" / "python"),
+        "LMCD_PYTHON_LMCACHE05": str(root / "tests_lmcache05" / "bin" / "python"),
+    }
+    if os.environ.get("CI"):
+        env["LMCD_REQUIRE_PEERS"] = "1"
+    return env
+
+
 def install(session: nox.Session, *extras: str, lmcache: str | None = None) -> None:
     """Install torch (pinned), the project with `extras`, and an lmcache client."""
     session.install(TORCH)
@@ -86,7 +105,7 @@ def install(session: nox.Session, *extras: str, lmcache: str | None = None) -> N
 def tests(session: nox.Session) -> None:
     """Unit and integration tests (GPU tests skip without CUDA)."""
     install(session, "test", lmcache=LMCACHE_CLIENT)
-    session.run("pytest", *session.posargs)
+    session.run("pytest", *session.posargs, env=peer_env(session))
 
 
 def install_lmcache(session: nox.Session, release: str = LMCACHE_05) -> None:
@@ -112,14 +131,14 @@ def tests_lmcache05(session: nox.Session) -> None:
 def tests_lmcache046(session: nox.Session) -> None:
     """lmcache 0.4.6's real adapters against its own server and lmcd (CPU)."""
     install_lmcache(session, LMCACHE_046)
-    session.run("pytest", "tests/lmcache04", *session.posargs)
+    session.run("pytest", "tests/lmcache04", *session.posargs, env=peer_env(session))
 
 
 @nox.session(python="3.11")
 def tests_lmcache047(session: nox.Session) -> None:
     """lmcache 0.4.7's real adapters against its own server and lmcd (CPU)."""
     install_lmcache(session, LMCACHE_047)
-    session.run("pytest", "tests/lmcache04", *session.posargs)
+    session.run("pytest", "tests/lmcache04", *session.posargs, env=peer_env(session))
 
 
 @nox.session(python="3.11")

@@ -31,6 +31,7 @@ from lmcd.errors import RegistrationError, TransferError
 from lmcd.shmkv import SharedKVCache
 from lmcd.transfer import host
 from lmcd.wire.types import HostTensorRef
+from tests.peers import run as peers
 
 SHAPE = (2, 8, 4, 2, 8)  # MHA: 2 x 8 blocks x 4 tokens x 2 heads x 8
 LAYER_BYTES = math.prod(SHAPE) * 2  # float16
@@ -368,7 +369,7 @@ def test_cpu_shm_descriptor_of_two_views_of_one_segment(
         kv.close()
 
 
-LMCACHE05_PYTHON = os.environ.get("LMCD_LMCACHE05_PYTHON", "/work/venv05/bin/python")
+LMCACHE05_PYTHON = peers.PYTHONS["lmcache05"]
 
 _LMCACHE05_SCRIPT = """
 import json, sys, torch, msgspec
@@ -382,7 +383,7 @@ sys.stdin.readline()  # keep the segments until the test is done
 
 
 @pytest.mark.skipif(
-    not os.path.exists(LMCACHE05_PYTHON), reason="no lmcache 0.5 environment"
+    not peers.available("lmcache05"), reason="no lmcache 0.5 environment"
 )
 def test_real_lmcache05_cpu_shm_descriptors_open_and_copy() -> None:
     with subprocess.Popen(

@@ -8,7 +8,10 @@ can start its peers, wait until all are ready, and have every client work
 at the same time.
 
 The interpreters come from `LMCD_PYTHON_LMCACHE03` / `LMCD_PYTHON_LMCACHE05`
-(defaults: `/work/venv03/bin/python`, `/work/venv05/bin/python`).
+(defaults: the nox sessions' environments, `.nox/tests/bin/python` and
+`.nox/tests_lmcache05/bin/python`; nox passes them). Tests that need a peer
+skip without it, unless `LMCD_REQUIRE_PEERS=1` (nox sets it under CI), when
+they fail instead.
 """
 
 from __future__ import annotations
@@ -23,13 +26,21 @@ import attrs
 ROOT = Path(__file__).resolve().parents[2]
 MIN_ROUNDS = 2
 PYTHONS = {
-    "lmcache03": os.environ.get("LMCD_PYTHON_LMCACHE03", "/work/venv03/bin/python"),
-    "lmcache05": os.environ.get("LMCD_PYTHON_LMCACHE05", "/work/venv05/bin/python"),
+    "lmcache03": os.environ.get(
+        "LMCD_PYTHON_LMCACHE03", str(ROOT / ".nox" / "tests" / "bin" / "python")
+    ),
+    "lmcache05": os.environ.get(
+        "LMCD_PYTHON_LMCACHE05",
+        str(ROOT / ".nox" / "tests_lmcache05" / "bin" / "python"),
+    ),
 }
+REQUIRED = os.environ.get("LMCD_REQUIRE_PEERS") == "1"
 
 
 def available(name: str) -> bool:
-    return Path(PYTHONS[name]).exists()
+    """Whether peer `name`'s interpreter exists (always True when peers are
+    required, so that a missing one fails its test instead of skipping)."""
+    return REQUIRED or Path(PYTHONS[name]).exists()
 
 
 @attrs.define

@@ -1,7 +1,7 @@
 """lmcache 0.5.6's own engine-driven worker code (its shared-memory context,
 gather and scatter over paged CPU KV caches) against lmcd's pools, minus the
 wire: a shim stands in for the 0.5 codec. Runs where lmcache 0.5 is
-installed (`/work/venv05`); skipped elsewhere."""
+installed (`nox -s tests_lmcache05`); skipped elsewhere."""
 
 from __future__ import annotations
 
