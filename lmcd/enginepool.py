@@ -803,7 +803,7 @@ class EnginePools:
                 f"{pool.arena.used / MiB:.0f} of {pool.size / MiB:.0f} MiB of "
                 f"pool {pool.name} in use"
                 if granted < len(entries)
-                else "storage full"
+                else self.storage.full_reason()
             )
             if not granted:
                 raise TransferError(

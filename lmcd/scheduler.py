@@ -508,9 +508,11 @@ class TransferScheduler:
         except TierError as e:
             raise TransferError(f"store refused: {e}") from e
         if all_or_nothing and not reservation.ok:
+            why = self.storage.full_reason()  # before the abort frees room
             self.storage.abort(reservation)
             raise TransferError(
-                f"no room for {reservation.refused} of {len(request.keys)} chunks"
+                f"no room for {reservation.refused} of {len(request.keys)} "
+                f"chunks: {why}"
             )
         try:
             chunks = [
