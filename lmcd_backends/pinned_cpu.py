@@ -583,10 +583,12 @@ class SegmentPreparer:
                 "Prepared a %s segment in %.3f s", _size(size), time.perf_counter() - t0
             )
             if tier.prepared_bytes >= tier.capacity:
+                segments = tier.statistics().segments
                 log.info(
-                    "CPU buffer fully prepared: %s in %d segments of %s",
+                    "CPU buffer fully prepared: %s in %d segment%s of up to %s",
                     _size(tier.capacity),
-                    tier.statistics().segments,
+                    segments,
+                    "" if segments == 1 else "s",
                     _size(tier.segment_size),
                 )
         finally:
