@@ -181,3 +181,28 @@ def test_serve_defaults_are_the_configs() -> None:
 )
 def test_default_matching(cell: str, value: Any, ok: bool) -> None:
     assert default_matches(cell, value) is ok
+
+
+# -- `nox -s bench` writes docs/performance.md only when asked --------------------
+
+
+def test_bench_report_goes_to_docs_only_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lmcd.benchmarks import __main__ as suite
+
+    assert suite.destinations(suite.parse_args([])) == []
+    assert suite.destinations(suite.parse_args(["--write-docs"])) == [
+        DOCS / "performance.md"
+    ]
+    out = tmp_path / "build" / "performance.md"
+    assert suite.destinations(suite.parse_args(["--out", str(out)])) == [out]
+    # A whole run (the measuring stubbed): stdout, and the file asked for.
+    monkeypatch.setattr(suite, "DOCS", tmp_path / "docs")
+    monkeypatch.setattr(suite, "report", lambda args: "# Performance\n")
+    suite.main([])
+    assert capsys.readouterr().out == "# Performance\n\n"
+    assert not (tmp_path / "docs").exists()
+    suite.main(["--out", str(out)])
+    assert out.read_text() == "# Performance\n"
+    assert not (tmp_path / "docs").exists()
