@@ -469,7 +469,7 @@ class Handlers:
         if len(hashes) * span.world_size > MAX_EXPANDED_KEYS:
             raise ProtocolError(
                 f"lookup of {len(hashes)} chunks x {span.world_size} ranks "
-                f"is over {MAX_EXPANDED_KEYS} objects"
+                f"is over {MAX_EXPANDED_KEYS} objects (a fixed limit)"
             )
         keys = [
             TokenKey(span.model_name, span.world_size, span.worker_id, h, span.salt)

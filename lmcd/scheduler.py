@@ -349,7 +349,8 @@ class TransferScheduler:
         if wanted and self._shm_files + wanted > limit:
             raise RegistrationError(
                 f"{wanted} more shared-memory files would exceed the limit of "
-                f"{limit} open at once ({self._shm_files} are)"
+                f"{limit} open at once ({self._shm_files} are; three quarters "
+                "of the open-file limit, ulimit -n)"
             )
         self._shm_files += wanted
         return wanted
