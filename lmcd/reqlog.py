@@ -133,6 +133,18 @@ def outcome(value: object) -> str:
     return type(value).__name__
 
 
+def _result(request: Request, value: object) -> str:
+    ok = getattr(value, "ok", None)
+    if isinstance(request, Lookup) and isinstance(value, int):
+        return f"{value} of {len(request.keys)} found"
+    if isinstance(request, Store | StoreSpan) and isinstance(ok, bool):
+        return "stored" if ok else "not all stored"
+    if isinstance(request, Retrieve) and isinstance(ok, bool):
+        found = getattr(value, "found", 0)
+        return f"{found} of {len(request.keys)} copied"
+    return outcome(value)
+
+
 @attrs.define(slots=True)
 class RequestDebugLog:
     """`--log-level debug`: one line per answered request, rate-limited per
@@ -166,10 +178,7 @@ class RequestDebugLog:
             limited = RateLimitedLog(self.logger, self.per_second, self.clock)
             self._by_op[op] = limited
         size = "" if nbytes is None else f", {human_bytes(nbytes)}"
-        if isinstance(request, Lookup) and isinstance(value, int):
-            result = f"{value} of {len(request.keys)} found"
-        else:
-            result = outcome(value)
+        result = _result(request, value)
         limited.log(
             logging.DEBUG,
             "%s: %s in %.2f ms%s",

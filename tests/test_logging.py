@@ -315,10 +315,14 @@ async def test_debug_adds_one_line_per_request_with_size_and_duration(
     ]
     assert len(lines) == 5, lines
     store_line, lookup_line, retrieve_line = lines[1:4]
-    assert store_line.startswith(f"STORE of 2 chunks from GPU ID {INSTANCE}")
+    assert store_line.startswith(
+        f"STORE of 2 chunks from GPU ID {INSTANCE} (model 'm'): stored in "
+    )
     assert store_line.endswith(" ms, 2 MiB")
     assert lookup_line.startswith("LOOKUP of 3 chunks (model 'm'): 2 of 3 found in ")
-    assert retrieve_line.startswith(f"RETRIEVE of 2 chunks into GPU ID {INSTANCE}")
+    assert retrieve_line.startswith(
+        f"RETRIEVE of 2 chunks into GPU ID {INSTANCE} (model 'm'): 2 of 2 copied in "
+    )
     assert retrieve_line.endswith(" ms, 2 MiB")
 
 
