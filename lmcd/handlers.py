@@ -25,7 +25,7 @@ from lmcd.errors import LmcdError, ProtocolError, RegistrationError, TransferErr
 from lmcd.lookups import LookupJob, LookupJobs, Sessions
 from lmcd.ratelog import RateLimitedLog
 from lmcd.reqlog import RequestDebugLog, describe
-from lmcd.scheduler import RetrieveJob, StoreJob, TransferScheduler
+from lmcd.scheduler import RegistrationTurn, RetrieveJob, StoreJob, TransferScheduler
 from lmcd.storage import Reservation, StorageManager
 from lmcd.tiering import LocalLookup, Promotion, Tiering
 from lmcd.wire import Dialect, Message, Unsupported, parse
@@ -65,6 +65,9 @@ from lmcd.wire.types import (
 )
 
 log = logging.getLogger(__name__)
+
+# What a data-plane request gets when admitted on arrival.
+_Admitted = StoreJob | RetrieveJob | PoolJob | RegistrationTurn
 
 Send = Callable[[list[bytes]], None]
 
@@ -216,7 +219,7 @@ class Handlers:
         # once they have arrived.
         started = time.perf_counter()
         try:
-            job: StoreJob | RetrieveJob | PoolJob | _AfterPromotion | None
+            job: _Admitted | _AfterPromotion | None
             waits = self._promotions_for(request)
             job = _AfterPromotion(waits) if waits else self._admit(request)
         except (TransferError, ValueError) as e:
@@ -234,7 +237,7 @@ class Handlers:
         dialect: Dialect,
         message: Message,
         request: Request,
-        job: StoreJob | RetrieveJob | PoolJob | _AfterPromotion | Later | None,
+        job: _Admitted | _AfterPromotion | Later | None,
         started: float,
     ) -> None:
         """Serve `request` in a task of its own (counted in flight)."""
@@ -557,7 +560,7 @@ class Handlers:
 
     # -- data plane (one task each) ------------------------------------------
 
-    def _admit(self, request: Request) -> StoreJob | RetrieveJob | PoolJob | None:
+    def _admit(self, request: Request) -> _Admitted | None:
         if self._closing:
             raise TransferError("not started: shutting down")
         if isinstance(request, Store):
@@ -575,6 +578,13 @@ class Handlers:
             except LmcdError:
                 self._release_span(request)
                 raise
+        if isinstance(request, RegisterKVCache):
+            return self.scheduler.take_turn(request.instance_id)
+        if isinstance(request, UnregisterKVCache):
+            pools = self.pools
+            if pools is not None and pools.registered(request.instance_id):
+                return None  # an engine-driven context (lmcache 0.4.6)
+            return self.scheduler.take_turn(request.instance_id)
         # -- engine-driven pools: admitted in arrival order, like copies --
         if isinstance(
             request, RegisterPool | UnregisterPool | CommitStore | PrepareRetrieve
@@ -600,7 +610,7 @@ class Handlers:
         dialect: Dialect,
         message: Message,
         request: Request,
-        job: StoreJob | RetrieveJob | PoolJob | _AfterPromotion | Later | None,
+        job: _Admitted | _AfterPromotion | Later | None,
         started: float,
     ) -> None:
         try:
@@ -638,9 +648,7 @@ class Handlers:
             tiers.after_retrieve(waiting.promotions)
         return await self._serve_data(request, job)
 
-    async def _serve_data(
-        self, request: Request, job: StoreJob | RetrieveJob | PoolJob | None
-    ) -> object:
+    async def _serve_data(self, request: Request, job: _Admitted | None) -> object:
         if isinstance(job, PoolJob):  # engine-driven pools
             return await self._pools().run(job)
         if isinstance(job, StoreJob):
@@ -659,21 +667,22 @@ class Handlers:
             # The protocol has no error channel for REGISTER: a failure is
             # logged and counted, and the client still gets its (empty) reply.
             if request.refresh and self.scheduler.touch(request.instance_id):
-                # lmcache 0.5: registering a known instance only refreshes it.
-                return None
+                # lmcache 0.5: registering a known instance only refreshes it
+                # (after the id's earlier REGISTERs and UNREGISTERs).
+                async with self.scheduler.turn(_turn(job)):
+                    return None
             try:
-                await self.scheduler.register(request)
+                await self.scheduler.register(request, _turn(job))
             except RegistrationError as e:
                 self.counters.failed_requests += 1
                 self._log_limit.warning("%s failed: %s", describe(request), e)
             return None
         if isinstance(request, UnregisterKVCache):
-            pools = self.pools
-            if pools is not None and pools.registered(request.instance_id):
+            if job is None:
                 # lmcache 0.4.6 unregisters its engine-driven context so.
-                await pools.unregister(request.instance_id)
+                await self._pools().unregister(request.instance_id)
             else:
-                await self.scheduler.unregister(request.instance_id)
+                await self.scheduler.unregister(request.instance_id, _turn(job))
             return None
         raise ProtocolError(f"no data-plane handler for {request!r}")
 
@@ -758,6 +767,12 @@ def _copied_bytes(job: object) -> int | None:
     if isinstance(job, RetrieveJob):
         return sum(e.nbytes for e in job.pin.entries)
     return None
+
+
+def _turn(job: object) -> RegistrationTurn:
+    # REGISTER and UNREGISTER take their turn when admitted (`_admit`).
+    assert isinstance(job, RegistrationTurn)
+    return job
 
 
 def _single_group(block_ids: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:

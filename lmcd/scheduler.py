@@ -155,10 +155,22 @@ class EngineRegistry(Protocol):
 
 
 @attrs.define(slots=True, eq=False)
-class _IdLock:
-    """The registration lock of one instance id and how many tasks use it."""
+class RegistrationTurn:
+    """A REGISTER's or UNREGISTER's place in its instance id's queue, taken
+    when the request arrives (`Scheduler.take_turn`): they take effect one
+    at a time, in arrival order."""
 
-    lock: trio.Lock = attrs.field(factory=trio.Lock)
+    instance_id: int
+    after: trio.Event | None
+    done: trio.Event = attrs.field(factory=trio.Event)
+
+
+@attrs.define(slots=True, eq=False)
+class _IdQueue:
+    """The registration queue of one instance id: the last turn's event and
+    how many turns are taken and not yet over."""
+
+    last: trio.Event | None = None
     users: int = 0
 
 
@@ -252,7 +264,7 @@ class TransferScheduler:
     on_registration: Callable[[int, RegisterKVCache | None], None] | None = None
     _limiter: trio.CapacityLimiter = attrs.field(init=False)
     _instances: dict[int, Instance] = attrs.field(factory=dict, init=False)
-    _registrations: dict[int, _IdLock] = attrs.field(factory=dict, init=False)
+    _registrations: dict[int, _IdQueue] = attrs.field(factory=dict, init=False)
     _shm_files: int = attrs.field(default=0, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     peers: list[EngineRegistry] = attrs.field(factory=list, init=False)
@@ -284,16 +296,19 @@ class TransferScheduler:
 
     # -- registration --------------------------------------------------------
 
-    async def register(self, request: RegisterKVCache) -> Instance:
+    async def register(
+        self, request: RegisterKVCache, turn: RegistrationTurn | None = None
+    ) -> Instance:
         """Open the request's KV cache (replacing one of the same id).
 
-        REGISTERs and UNREGISTERs of one instance id run one at a time, so
-        two that arrive together leave exactly one open registration (the
-        one that ran last) and every replaced one is closed.
+        REGISTERs and UNREGISTERs of one instance id run one at a time in
+        the order of their turns (`take_turn`, on arrival; taken here when
+        `turn` is None), so two that arrive together leave exactly one open
+        registration, the later one, and every replaced one is closed.
 
         Raises `RegistrationError` when it cannot be opened.
         """
-        async with self._serialized(request.instance_id):
+        async with self.turn(turn or self.take_turn(request.instance_id)):
             if request.instance_id in self._instances:
                 log.warning(
                     "GPU ID %d registered again; replacing", request.instance_id
@@ -376,11 +391,13 @@ class TransferScheduler:
             )
         raise RegistrationError("KV cache mixes CUDA and host layers")
 
-    async def unregister(self, instance_id: int) -> bool:
+    async def unregister(
+        self, instance_id: int, turn: RegistrationTurn | None = None
+    ) -> bool:
         """Wait for the instance's copies, then release everything it held
         (every descriptor and mapping). Returns False (and logs a warning)
-        for an unknown instance."""
-        async with self._serialized(instance_id):
+        for an unknown instance. Ordered with REGISTERs as `register` is."""
+        async with self.turn(turn or self.take_turn(instance_id)):
             return await self._unregister(instance_id)
 
     async def _unregister(self, instance_id: int) -> bool:
@@ -399,21 +416,32 @@ class TransferScheduler:
         log.info("Unregistered KV cache for GPU ID %d", instance_id)
         return True
 
-    @contextlib.asynccontextmanager
-    async def _serialized(self, instance_id: int) -> AsyncIterator[None]:
-        """Hold the per-id registration lock (FIFO); the entry is dropped
-        once nobody holds or waits for it, so ids do not accumulate."""
+    def take_turn(self, instance_id: int) -> RegistrationTurn:
+        """A place in `instance_id`'s registration queue, behind every turn
+        taken before it; pass it to `register`/`unregister` (or `turn`)."""
         entry = self._registrations.get(instance_id)
         if entry is None:
-            entry = self._registrations[instance_id] = _IdLock()
+            entry = self._registrations[instance_id] = _IdQueue()
+        turn = RegistrationTurn(instance_id, entry.last)
+        entry.last = turn.done
         entry.users += 1
+        return turn
+
+    @contextlib.asynccontextmanager
+    async def turn(self, turn: RegistrationTurn) -> AsyncIterator[None]:
+        """Wait until every earlier turn of the id is over, then hold this
+        one; the id's entry is dropped once no turn is left, so ids do not
+        accumulate."""
         try:
-            async with entry.lock:
-                yield
+            if turn.after is not None:
+                await turn.after.wait()
+            yield
         finally:
+            turn.done.set()
+            entry = self._registrations[turn.instance_id]
             entry.users -= 1
             if not entry.users:
-                del self._registrations[instance_id]
+                del self._registrations[turn.instance_id]
 
     def attach(self, instance: Instance) -> None:
         """Serve an already opened instance (for tests and other front ends

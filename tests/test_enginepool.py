@@ -408,8 +408,10 @@ async def test_a_partial_retrieve_is_refused_and_holds_nothing(
 
 
 async def test_uncommitted_prepares_are_freed_after_the_ttl(
-    autojump_clock: trio.testing.MockClock,
+    mock_clock: trio.testing.MockClock,
 ) -> None:
+    # Time moves only when the test says so: an autojumping clock would
+    # jump to the TTL while the retrieve's copy waits in its thread.
     pools = make_pools(clock=trio.current_time, ttl=30.0)
     async with trio.open_nursery() as nursery:
         await nursery.start(pools.serve)
@@ -424,9 +426,11 @@ async def test_uncommitted_prepares_are_freed_after_the_ttl(
         stats = pools.storage.statistics()
         assert (stats.reserved_chunks, stats.pinned_chunks) == (2, 2)
         assert used(pools, worker) == 4 * SLOT
-        await trio.sleep(29)
+        mock_clock.jump(29)
+        await trio.testing.wait_all_tasks_blocked()
         assert used(pools, worker) == 4 * SLOT
-        await trio.sleep(10)
+        mock_clock.jump(10)
+        await trio.testing.wait_all_tasks_blocked()
         assert used(pools, worker) == 0
         stats = pools.storage.statistics()
         assert (stats.reserved_chunks, stats.pinned_chunks, stats.locked_chunks) == (
