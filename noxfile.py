@@ -159,7 +159,9 @@ def typing(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
-    """Benchmarks with same-run baselines; writes docs/performance.md."""
+    """Benchmarks with same-run baselines; prints the report.
+    `nox -s bench -- --write-docs` also rewrites docs/performance.md,
+    `-- --out PATH` writes it elsewhere."""
     install(session, "test")
     session.install(*REFERENCE_DEPS)
     session.install("--no-deps", LMCACHE_REFERENCE)

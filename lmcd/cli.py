@@ -69,7 +69,11 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to bind the ZMQ server.")] = 5555,
     chunk_size: Annotated[int, typer.Option(help="Tokens per chunk.")] = 256,
     cpu_buffer_size: Annotated[
-        float, typer.Option(help="CPU buffer size in GB (GiB), allocated lazily.")
+        float,
+        typer.Option(
+            help="CPU buffer size in GB (GiB), allocated as it fills "
+            "(see --disable-lazy-alloc)."
+        ),
     ] = 5.0,
     max_workers: Annotated[int, typer.Option(help="Copies running at once.")] = 1,
     lock_ttl: Annotated[
@@ -79,7 +83,11 @@ def serve(
         int, typer.Option(help="GPU staging memory per instance and buffer (MiB).")
     ] = 256,
     segment_mb: Annotated[
-        int, typer.Option(help="Size of each pinned-memory segment (MiB).")
+        int,
+        typer.Option(
+            help="Size of each CPU buffer segment (MiB), the unit of allocation "
+            "and pinning; a chunk must fit in one."
+        ),
     ] = 1024,
     metrics_port: Annotated[
         int | None,
@@ -89,7 +97,9 @@ def serve(
         bool,
         typer.Option(
             "--disable-lazy-alloc",
-            help="Allocate and commit the whole CPU buffer at start-up.",
+            help="Allocate and commit (populate, or pin with CUDA) the whole CPU "
+            "buffer at start-up, before serving; a buffer that cannot be "
+            "committed is an error.",
         ),
     ] = False,
     prepare_ahead_mb: Annotated[

@@ -266,16 +266,8 @@ class Daemon:
                     gc.freeze()
                     if self.config.port_file is not None:
                         _write_port_file(self.config.port_file, endpoint)
-                    log.info(
-                        "lmcd %s listening on %s (chunk size %d, CPU buffer "
-                        "%.2f GiB, %d worker%s)",
-                        __version__,
-                        endpoint,
-                        self.config.chunk_size,
-                        self.config.cpu_buffer_size,
-                        self.config.max_workers,
-                        "" if self.config.max_workers == 1 else "s",
-                    )
+                    for line in self.summary(endpoint):
+                        log.info("%s", line)
                     task_status.started(endpoint)
                     async for signum in received:
                         name = signal.Signals(signum).name
@@ -286,6 +278,49 @@ class Daemon:
         finally:
             self.listener.close()
             log.info("lmcd stopped")
+
+    def summary(self, endpoint: str) -> list[str]:
+        """The start-up lines: where lmcd listens and for which clients,
+        its CPU buffer, and its lower tiers (the metrics port is logged
+        when it is bound)."""
+        cfg = self.config
+        tier = self.preparer.tier
+        dialects = [d.name for d in self.handlers.router.dialects]
+        speaks = (
+            dialects[0]
+            if len(dialects) == 1
+            else f"{', '.join(dialects)} (detected per connection)"
+        )
+        lines = [
+            f"lmcd {__version__} listening on {endpoint} for {speaks}; "
+            f"chunk size {cfg.chunk_size} tokens, {cfg.max_workers} copy "
+            f"worker{'' if cfg.max_workers == 1 else 's'}",
+        ]
+        kind = "pinned" if tier.pinned else "host"
+        growth = (
+            "committed at start-up"
+            if cfg.disable_lazy_alloc
+            else f"prepared as it fills, {_gib(tier.lead_bytes)} ahead"
+        )
+        lines.append(
+            f"CPU buffer: {_gib(tier.capacity)} of {kind} memory in segments of "
+            f"{tier.segment_size >> 20} MiB, {growth}; lock TTL {cfg.lock_ttl:g} s"
+        )
+        lower = []
+        if cfg.disk_path is not None:
+            lower.append(
+                f"disk {cfg.disk_path} ({cfg.disk_size:g} GiB, {cfg.disk_policy})"
+            )
+        if cfg.remote is not None:
+            lower.append(f"remote {cfg.remote} (prefix {cfg.remote_prefix!r})")
+        if lower:
+            lines.append(f"Lower tiers: {'; '.join(lower)}")
+        if cfg.pool_mb:
+            lines.append(
+                f"Engine-driven workers (lmcache 0.4.7+): {cfg.pool_mb} MiB "
+                "shared-memory pool each"
+            )
+        return lines
 
     def _check_memory(self) -> None:
         """Refuse a buffer larger than the memory available (ConfigError),
@@ -322,9 +357,10 @@ class Daemon:
                 f"--disable-lazy-alloc: cannot allocate the {gib:.2f} GiB buffer: {e}"
             ) from None
         log.info(
-            "Allocated and committed %.2f GiB of %s memory in %.1f s",
+            "Allocated and committed %.2f GiB of %s memory (%d segments) in %.1f s",
             gib,
             kind,
+            tier.statistics().segments,
             time.perf_counter() - started,
         )
 
@@ -389,6 +425,10 @@ class Daemon:
         # the rest are with ZMQ, which gets LINGER to send them at close.
         with trio.move_on_after(0.5):
             await self.listener.wait_sent()
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
 
 
 def _write_port_file(path: str, endpoint: str) -> None:

@@ -614,7 +614,7 @@ class EnginePools:
         if len(self._instances) >= self.max_pools:
             raise RegistrationError(
                 f"{len(self._instances)} engine-driven workers hold pools already "
-                f"(at most {self.max_pools})"
+                f"(at most {self.max_pools}, a fixed limit)"
             )
         instance = PoolInstance(
             request.instance_id,
@@ -635,7 +635,7 @@ class EnginePools:
         if len(self._instances) >= self.max_pools:
             raise RegistrationError(
                 f"{len(self._instances)} engine-driven workers are registered "
-                f"already (at most {self.max_pools})"
+                f"already (at most {self.max_pools}, a fixed limit)"
             )
         instance = PoolInstance(
             request.instance_id,
@@ -803,7 +803,7 @@ class EnginePools:
                 f"{pool.arena.used / MiB:.0f} of {pool.size / MiB:.0f} MiB of "
                 f"pool {pool.name} in use"
                 if granted < len(entries)
-                else "storage full"
+                else self.storage.full_reason()
             )
             if not granted:
                 raise TransferError(
@@ -1114,7 +1114,7 @@ class EnginePools:
             self.counters.expired_prepares += n
             log.warning(
                 "%d engine-driven transfers prepared but not committed within "
-                "%.0f s; their slots are freed",
+                "%.0f s (a fixed limit); their slots are freed",
                 n,
                 self.ttl,
             )

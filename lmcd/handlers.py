@@ -24,8 +24,9 @@ from lmcd.enginepool import EnginePools, PoolJob
 from lmcd.errors import LmcdError, ProtocolError, RegistrationError, TransferError
 from lmcd.lookups import LookupJob, LookupJobs, Sessions
 from lmcd.ratelog import RateLimitedLog
+from lmcd.reqlog import RequestDebugLog, describe
 from lmcd.scheduler import RegistrationTurn, RetrieveJob, StoreJob, TransferScheduler
-from lmcd.storage import StorageManager
+from lmcd.storage import Reservation, StorageManager
 from lmcd.tiering import LocalLookup, Promotion, Tiering
 from lmcd.wire import Dialect, Message, Unsupported, parse
 from lmcd.wire.detect import Ambiguous, DialectRouter, Routed
@@ -121,6 +122,7 @@ class Handlers:
     _job_done: dict[str, trio.Event] = attrs.field(factory=dict)
     _inflight: int = 0
     _log_limit: RateLimitedLog = attrs.field(factory=lambda: RateLimitedLog(log))
+    _debug: RequestDebugLog = attrs.field(factory=lambda: RequestDebugLog(log))
     _idle: trio.Event = attrs.field(factory=trio.Event)
     _unsupported_seen: set[str] = attrs.field(factory=set)
     _closing: bool = False
@@ -229,39 +231,44 @@ class Handlers:
         name = type(request).__name__
         self.counters.by_type[name] = self.counters.by_type.get(name, 0) + 1
         if isinstance(request, _DATA_PLANE):
-            # Copies are admitted here, in arrival order (validated, memory
-            # reserved or pinned, counted in flight), before their task runs:
-            # an UNREGISTER that arrives after a STORE then waits for it.
-            # A RETRIEVE of chunks coming up from a lower tier is admitted
-            # once they have arrived.
-            try:
-                job: _Admitted | _AfterPromotion | None
-                waits = self._promotions_for(request)
-                job = _AfterPromotion(waits) if waits else self._admit(request)
-            except (TransferError, ValueError) as e:
-                self._fail(identity, dialect, message, request, f"{name} failed: {e}")
-                return
-            except Exception:  # a bug must not take the listener down
-                log.exception("%s crashed", name)
-                self._fail(
-                    identity, dialect, message, request, f"{name} internal error"
-                )
-                return
-            self._spawn(identity, dialect, message, request, job)
+            self._on_data_plane(identity, dialect, message, request)
             return
+        started = time.perf_counter()
         try:
             value = self._control_plane(request)
         except LmcdError as e:
-            self._fail(identity, dialect, message, request, f"{name} failed: {e}")
+            self._fail(identity, dialect, message, request, e)
             return
         except Exception:  # a bug must not take the listener down
-            log.exception("%s crashed", name)
-            self._fail(identity, dialect, message, request, f"{name} internal error")
+            self._crashed(identity, dialect, message, request)
             return
         if isinstance(value, Later):
-            self._spawn(identity, dialect, message, request, value)
+            self._spawn(identity, dialect, message, request, value, started)
             return
+        self._debug.answered(request, value, time.perf_counter() - started)
         self.send([identity, *dialect.encode(message, request, value)])
+
+    def _on_data_plane(
+        self, identity: bytes, dialect: Dialect, message: Message, request: Request
+    ) -> None:
+        # Copies are admitted here, in arrival order (validated, memory
+        # reserved or pinned, counted in flight), before their task runs:
+        # an UNREGISTER that arrives after a STORE then waits for it.
+        # A RETRIEVE of chunks coming up from a lower tier is admitted
+        # once they have arrived.
+        started = time.perf_counter()
+        try:
+            job: _Admitted | _AfterPromotion | None
+            waits = self._promotions_for(request)
+            job = _AfterPromotion(waits) if waits else self._admit(request)
+        except (TransferError, ValueError) as e:
+            self._fail(identity, dialect, message, request, e)
+            return
+        except Exception:  # a bug must not take the listener down
+            self._crashed(identity, dialect, message, request)
+            return
+        self._warn_refused(request, job)
+        self._spawn(identity, dialect, message, request, job, started)
 
     def _spawn(
         self,
@@ -270,6 +277,7 @@ class Handlers:
         message: Message,
         request: Request,
         job: _Admitted | _AfterPromotion | Later | None,
+        started: float,
     ) -> None:
         """Serve `request` in a task of its own (counted in flight)."""
         assert self._nursery is not None
@@ -277,7 +285,7 @@ class Handlers:
             self._idle = trio.Event()
         self._inflight += 1
         self._nursery.start_soon(
-            self._data_plane, identity, dialect, message, request, job
+            self._data_plane, identity, dialect, message, request, job, started
         )
 
     def _fail(
@@ -286,13 +294,43 @@ class Handlers:
         dialect: Dialect,
         message: Message,
         request: Request,
-        what: str,
+        reason: Exception | None,
     ) -> None:
+        """Count, log (one warning naming the request and `reason`; None:
+        already logged) and answer a failed request."""
         self.counters.failed_requests += 1
-        self._log_limit.warning("%s", what)
+        if reason is not None:
+            self._log_limit.warning("%s failed: %s", describe(request), reason)
         reply = dialect.failure(message, request)
         if reply is not None:
             self.send([identity, *reply])
+
+    def _crashed(
+        self, identity: bytes, dialect: Dialect, message: Message, request: Request
+    ) -> None:
+        """A bug while serving `request` (called from its `except`): one
+        error line with the traceback, and the request's failure reply."""
+        self._log_limit.error(
+            "%s crashed (a bug in lmcd; please report it)",
+            describe(request),
+            exc_info=True,
+        )
+        self._fail(identity, dialect, message, request, None)
+
+    def _warn_refused(self, request: Request, job: object) -> None:
+        """One warning for an admitted STORE whose chunks did not all find
+        room (it is answered as partly stored, not as failed)."""
+        reservation = getattr(job, "reservation", None)
+        if not isinstance(reservation, Reservation) or not reservation.refused:
+            return
+        total = len(reservation.entries) + reservation.present + reservation.refused
+        self._log_limit.warning(
+            "%s: %d of %d chunks not stored: %s",
+            describe(request),
+            reservation.refused,
+            total,
+            self.storage.full_reason(),
+        )
 
     def on_oversized(self, identity: bytes, frames: list[bytes], what: str) -> None:
         """A message the listener dropped for its size, with the frames it
@@ -473,7 +511,7 @@ class Handlers:
         if len(hashes) * span.world_size > MAX_EXPANDED_KEYS:
             raise ProtocolError(
                 f"lookup of {len(hashes)} chunks x {span.world_size} ranks "
-                f"is over {MAX_EXPANDED_KEYS} objects"
+                f"is over {MAX_EXPANDED_KEYS} objects (a fixed limit)"
             )
         keys = [
             TokenKey(span.model_name, span.world_size, span.worker_id, h, span.salt)
@@ -612,8 +650,8 @@ class Handlers:
         message: Message,
         request: Request,
         job: _Admitted | _AfterPromotion | Later | None,
+        started: float,
     ) -> None:
-        name = type(request).__name__
         try:
             if isinstance(job, Later):
                 value = await job.answer()
@@ -622,16 +660,19 @@ class Handlers:
             else:
                 value = await self._serve_data(request, job)
         except (TransferError, RegistrationError, ValueError) as e:
-            self._fail(identity, dialect, message, request, f"{name} failed: {e}")
+            self._fail(identity, dialect, message, request, e)
             return
         except Exception:  # a bug must not take the daemon down
-            log.exception("%s crashed", name)
-            self._fail(identity, dialect, message, request, f"{name} internal error")
+            self._crashed(identity, dialect, message, request)
             return
         finally:
             self._inflight -= 1
             if not self._inflight:
                 self._idle.set()
+        if self._debug.enabled:
+            self._debug.answered(
+                request, value, time.perf_counter() - started, _copied_bytes(job)
+            )
         self.send([identity, *dialect.encode(message, request, value)])
 
     async def _retrieve_after_promotion(
@@ -673,9 +714,7 @@ class Handlers:
                 await self.scheduler.register(request, _turn(job))
             except RegistrationError as e:
                 self.counters.failed_requests += 1
-                log.error(  # noqa: TRY400 - expected failure, no traceback
-                    "Cannot register KV cache for GPU ID %d: %s", request.instance_id, e
-                )
+                self._log_limit.warning("%s failed: %s", describe(request), e)
             return None
         if isinstance(request, UnregisterKVCache):
             if job is None:
@@ -760,6 +799,15 @@ _DATA_PLANE = (
     CommitStore,
     PrepareRetrieve,
 )
+
+
+def _copied_bytes(job: object) -> int | None:
+    """The bytes a STORE or RETRIEVE job copies (None for other requests)."""
+    if isinstance(job, StoreJob):
+        return sum(e.nbytes for e in job.reservation.entries)
+    if isinstance(job, RetrieveJob):
+        return sum(e.nbytes for e in job.pin.entries)
+    return None
 
 
 def _turn(job: object) -> RegistrationTurn:

@@ -245,7 +245,8 @@ class Listener:
                 self._discard = _Discard(
                     frames[0],
                     frames[1:],
-                    f"over {MAX_MESSAGE_FRAMES} frames or {MAX_MESSAGE_BYTES} bytes",
+                    f"over lmcd's fixed limit of {MAX_MESSAGE_FRAMES} frames or "
+                    f"{MAX_MESSAGE_BYTES >> 20} MiB per message",
                     len(frames),
                     nbytes,
                 )

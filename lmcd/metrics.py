@@ -20,6 +20,10 @@ from prometheus_client.registry import Collector
 from lmcd.errors import ConfigError
 
 log = logging.getLogger(__name__)
+# hypercorn's own log. Its "Running on ... (CTRL + C to quit)" repeats the
+# daemon's "Metrics on" line with advice that does not apply: left out.
+_http_log = logging.getLogger("lmcd.metrics.http")
+_http_log.addFilter(lambda record: not record.getMessage().startswith("Running on"))
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -258,6 +262,6 @@ async def serve(
     # hypercorn takes ownership of the descriptor and closes it.
     config.bind = [f"fd://{sock.detach()}"]
     config.accesslog = None
-    config.errorlog = logging.getLogger("lmcd.metrics.http")
+    config.errorlog = _http_log
     config.graceful_timeout = 0.5
     await hyper_serve(app, config, task_status=task_status)

@@ -47,7 +47,11 @@ class RateLimitedLog:
             return
         self._tokens -= 1
         if self._suppressed:
-            message += " (%d similar warnings suppressed)"
+            message += (
+                " (%d similar warnings suppressed)"
+                if level == logging.WARNING
+                else " (%d similar lines suppressed)"
+            )
             args = (*args, self._suppressed)
             self._suppressed = 0
         self.logger.log(level, message, *args, exc_info=exc_info)

@@ -364,7 +364,8 @@ class TransferScheduler:
         if wanted and self._shm_files + wanted > limit:
             raise RegistrationError(
                 f"{wanted} more shared-memory files would exceed the limit of "
-                f"{limit} open at once ({self._shm_files} are)"
+                f"{limit} open at once ({self._shm_files} are; three quarters "
+                "of the open-file limit, ulimit -n)"
             )
         self._shm_files += wanted
         return wanted
@@ -536,9 +537,11 @@ class TransferScheduler:
         except TierError as e:
             raise TransferError(f"store refused: {e}") from e
         if all_or_nothing and not reservation.ok:
+            why = self.storage.full_reason()  # before the abort frees room
             self.storage.abort(reservation)
             raise TransferError(
-                f"no room for {reservation.refused} of {len(request.keys)} chunks"
+                f"no room for {reservation.refused} of {len(request.keys)} "
+                f"chunks: {why}"
             )
         try:
             chunks = [

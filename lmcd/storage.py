@@ -41,6 +41,7 @@ import attrs
 
 from lmcd.errors import StorageFull, TierError
 from lmcd.eviction import EvictionPolicy, LRUPolicy
+from lmcd.ratelog import RateLimitedLog
 from lmcd.wire.types import CacheKey
 from lmcd_backends.protocol import Extent, StorageTier, TierStatistics
 
@@ -183,6 +184,9 @@ class StorageManager:
     _pinned: int = attrs.field(default=0, init=False)
     _doomed: int = attrs.field(default=0, init=False)
     _held: int = attrs.field(default=0, init=False)
+    _log_limit: RateLimitedLog = attrs.field(
+        factory=lambda: RateLimitedLog(log, per_second=1.0), init=False
+    )
 
     # -- store ---------------------------------------------------------------
 
@@ -204,8 +208,9 @@ class StorageManager:
         lower tier) is not counted as a store.
         """
         self.expire_locks()
-        if not self.tier.fits(nbytes):
-            raise ValueError(f"a {nbytes}-byte chunk can never fit this buffer")
+        too_large = self.tier.too_large(nbytes)
+        if too_large is not None:
+            raise ValueError(too_large)
         if not promotion:
             self._c.stores += 1
         entries: list[Entry] = []
@@ -226,7 +231,6 @@ class StorageManager:
                 if not promotion:
                     self._c.store_skipped_chunks += present
                     self._c.store_refused_chunks += refused
-                    self._log_full(refused, len(keys))
                 return Reservation(tuple(entries), tuple(indices), present, refused)
             except BaseException as e:
                 self._rollback(entries)
@@ -248,19 +252,22 @@ class StorageManager:
             del self._index[entry.key]
             self.tier.free(entry.extent)
 
-    def _log_full(self, refused: int, total: int) -> None:
+    def full_reason(self) -> str:
+        """Why a STORE found no room, for its warning: the buffer is still
+        growing (stores outran segment preparation), or every chunk in it is
+        in use (locked by a lookup, pinned by a retrieve or being stored)."""
         tier = self.tier.statistics()
+        size = f"--cpu-buffer-size {tier.capacity_bytes / (1 << 30):.3g} GiB"
         if tier.materialized_bytes < tier.capacity_bytes:
-            log.warning(
-                "Buffer full: %d of %d chunks not stored (%.2f of %.2f GiB "
-                "prepared so far: the stores outran the buffer's growth)",
-                refused,
-                total,
-                tier.materialized_bytes / (1 << 30),
-                tier.capacity_bytes / (1 << 30),
+            return (
+                f"buffer still growing: {tier.materialized_bytes / (1 << 30):.2f} "
+                f"of {tier.capacity_bytes / (1 << 30):.2f} GiB prepared ({size}); "
+                "the stores outran its growth (--prepare-ahead-mb)"
             )
-        else:
-            log.warning("Buffer full: %d of %d chunks not stored", refused, total)
+        return (
+            f"buffer full ({size}): {self._locked} chunks locked by lookups, "
+            f"{self._pinned} pinned by retrieves, {self._reserved} being stored"
+        )
 
     def _allocate(self, nbytes: int) -> Extent:
         while True:
@@ -511,15 +518,24 @@ class StorageManager:
         if not self._locked_order:
             return
         now = self.clock()
+        expired = 0
         while self._locked_order:
             entry = next(iter(self._locked_order))
             if entry.lock_expiry > now:
-                return
+                break
+            expired += 1
             self._c.lock_expiries += entry.locks
             entry.locks = 0
             self._unlock(entry)
             if not entry.pins:
                 self.policy.add(entry.key)
+        if expired:
+            self._log_limit.warning(
+                "Locks on %d chunks expired after --lock-ttl %g s: a client "
+                "looked them up with a lock and never retrieved them",
+                expired,
+                self.lock_ttl,
+            )
 
     def _unlock(self, entry: Entry) -> None:
         del self._locked_order[entry]

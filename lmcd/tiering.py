@@ -495,7 +495,8 @@ class Tiering:
                 p.locks -= readers
         if finished < len(promotions):
             log.warning(
-                "%d chunk promotions still running after %.1f s",
+                "%d chunk promotions still running after --promotion-timeout "
+                "%g s: those chunks are misses",
                 len(promotions) - finished,
                 self.promotion_timeout,
             )

@@ -80,6 +80,19 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def _size(n: int) -> str:
+    """Bytes in binary units ("40 MiB", "1.5 GiB")."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.3g} {unit}"
+    return f"{n} B"
+
+
+def _segment_flag(segment_bytes: int) -> str:
+    mib = segment_bytes / (1 << 20)
+    return f"--segment-mb {mib:g}" if mib >= 1 else f"{_size(segment_bytes)} segments"
+
+
 class PreparationCancelled(Exception):
     """`prepare` was asked to stop (the daemon is shutting down)."""
 
@@ -136,8 +149,27 @@ class PinnedCpuTier:
         """Bytes of segments being prepared right now."""
         return self._preparing
 
+    @property
+    def segment_size(self) -> int:
+        """Bytes of a full segment (`segment_bytes`, aligned; at most the
+        capacity)."""
+        return self._arena.segment_bytes
+
     def fits(self, nbytes: int) -> bool:
         return self._arena.fits(nbytes)
+
+    def too_large(self, nbytes: int) -> str | None:
+        if self._arena.fits(nbytes):
+            return None
+        chunk = f"a {_size(nbytes)} chunk"
+        if nbytes <= 0:
+            return f"{chunk} is empty"
+        if self._arena.segment_bytes >= self._arena.capacity:
+            return (
+                f"{chunk} is larger than the whole buffer (--cpu-buffer-size "
+                f"{self.capacity_bytes / (1 << 30):.3g}, {_size(self.capacity)})"
+            )
+        return f"{chunk} is larger than a segment ({_segment_flag(self.segment_bytes)})"
 
     # -- allocation (Trio thread) ----------------------------------------------
 
@@ -220,13 +252,16 @@ class PinnedCpuTier:
         index = self._arena.open_segment(size)
         assert index == len(self._memory)
         self._memory.append(memory)
-        log.info(
-            "Allocated %s segment %d: %.2f GiB (%.2f of %.2f GiB ready)",
+        # One line per segment only at debug level: a buffer of small
+        # segments would otherwise print hundreds of lines; the daemon
+        # logs the totals (and the buffer once it is fully prepared).
+        log.debug(
+            "Allocated %s segment %d: %s (%s of %s ready)",
             "pinned" if self.pin else "host",
             index,
-            size / (1 << 30),
-            self.prepared_bytes / (1 << 30),
-            self.capacity / (1 << 30),
+            _size(size),
+            _size(self.prepared_bytes),
+            _size(self.capacity),
         )
 
     def prepare(self, size: int, *, populate: bool = True) -> Any:
@@ -545,10 +580,17 @@ class SegmentPreparer:
             self._backoff = 0.0
             tier.install(memory, size)
             log.debug(
-                "Prepared %.2f GiB in %.3f s",
-                size / (1 << 30),
-                time.perf_counter() - t0,
+                "Prepared a %s segment in %.3f s", _size(size), time.perf_counter() - t0
             )
+            if tier.prepared_bytes >= tier.capacity:
+                segments = tier.statistics().segments
+                log.info(
+                    "CPU buffer fully prepared: %s in %d segment%s of up to %s",
+                    _size(tier.capacity),
+                    segments,
+                    "" if segments == 1 else "s",
+                    _size(tier.segment_size),
+                )
         finally:
             self._busy -= 1
             self._wake.set()

@@ -77,6 +77,12 @@ class StorageTier(Protocol):
         """Whether an extent of `nbytes` could ever be allocated here."""
         ...
 
+    def too_large(self, nbytes: int) -> str | None:
+        """None when `fits(nbytes)`; otherwise why not, for the operator:
+        the limit and the setting that sets it ("a 40 MiB chunk is larger
+        than a segment (--segment-mb 16)")."""
+        ...
+
     def buffer(self, extent: Extent) -> Any:
         """The memory of `extent`, as a 1-D uint8 tensor of `extent.size` bytes."""
         ...

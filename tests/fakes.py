@@ -34,6 +34,11 @@ class ArenaTier:
     def fits(self, nbytes: int) -> bool:
         return self.arena.fits(nbytes)
 
+    def too_large(self, nbytes: int) -> str | None:
+        if self.arena.fits(nbytes):
+            return None
+        return f"a {nbytes}-byte chunk is larger than a segment"
+
     def allocate(self, nbytes: int) -> Extent | None:
         return self.arena.allocate(nbytes)
 

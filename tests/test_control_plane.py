@@ -73,7 +73,8 @@ def test_register_without_gpu_is_answered_and_logged(
             sock.send_multipart(frames(v["client_frames_hex"]))
             assert sock.poll(10_000), "REGISTER was not answered"
             assert sock.recv_multipart() == frames(v["reply_frames_hex"])
-    server.wait_for_log("Cannot register KV cache")
+    server.wait_for_log("REGISTER_KV_CACHE for GPU ID")
+    server.wait_for_log(") failed: ")
     sock.close(linger=0)
 
 

@@ -55,7 +55,7 @@ async def test_crashing_handler_gets_a_failure_reply(
                 [enc(1), enc(5), enc([False, False])],
                 [enc(2), enc(8), enc("OK")],
             ]
-            assert "Lookup crashed" in caplog.text
+            assert "LOOKUP of 2 chunks (model 'm') crashed" in caplog.text
             assert daemon.handlers.counters.failed_requests == 1
             nursery.cancel_scope.cancel()
 

@@ -122,6 +122,10 @@ def test_every_serve_flag_in_the_docs_exists() -> None:
     mentioned: set[str] = set()
     for path in docs:
         text = path.read_text()
+        if path.name == "configuration.md":
+            # The tables after this heading are the client commands' flags
+            # (tests/test_docs.py checks every command's table).
+            text = text.split("## Other commands")[0]
         for line in text.splitlines():
             if "lmcd serve" in line or (
                 path.name == "configuration.md" and line.startswith("| `--")

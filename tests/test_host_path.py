@@ -310,7 +310,8 @@ def test_bad_host_registrations_are_refused(
     fds = daemon_fds(server)
     since = len(server.lines)
     instance = _register_ext(client, data)
-    wait_logged(server, since, f"Cannot register KV cache for GPU ID {instance}: ")
+    wait_logged(server, since, f"REGISTER_KV_CACHE for GPU ID {instance} (")
+    wait_logged(server, since, ") failed: ")
     wait_logged(server, since, logged)
     assert daemon_fds(server) == fds, f"{case}: a refused registration kept a file"
     ks = [key(1, model="refused")]
@@ -439,8 +440,9 @@ def test_file_truncated_after_registration_fails_copies_not_the_daemon(
         assert call(client, "STORE", [more, instance, ids, EVENT]) == (EVENT, False)
         assert call(client, "RETRIEVE", [ks, instance, ids, EVENT]) == (EVENT, [False])
         assert failed_requests(server) == failed + 2
-        wait_logged(server, since, "Store failed: store copy failed: ")
-        wait_logged(server, since, "Retrieve failed: retrieve copy failed: ")
+        who = f"GPU ID {instance} (model 'shrunk{instance}') failed:"
+        wait_logged(server, since, f"from {who} store copy failed: ")
+        wait_logged(server, since, f"into {who} retrieve copy failed: ")
         assert "shrank to 4096 bytes" in "".join(server.lines[since:])
         assert os.stat(kv.path).st_size == 4096, "RETRIEVE regrew the client's file"
         # The daemon is alive and serves everyone else.

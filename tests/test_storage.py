@@ -163,7 +163,7 @@ def test_store_and_retrieve_need_ranked_keys() -> None:
         m.reserve([key(1, None)], MiB, LAYOUT)
     with pytest.raises(ValueError, match="worker"):
         m.pin([key(1, None)], MiB, LAYOUT)
-    with pytest.raises(ValueError, match="never fit"):
+    with pytest.raises(ValueError, match="larger than a segment"):
         m.reserve([key(1)], 64 * MiB, LAYOUT)
 
 

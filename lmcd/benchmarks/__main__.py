@@ -1,7 +1,11 @@
-"""Run the whole benchmark suite and write docs/performance.md.
+"""Run the whole benchmark suite and print the report (Markdown).
 
-    nox -s bench                      # what CI users run
-    python -m lmcd.benchmarks [--duration 5] [--out docs/performance.md]
+    nox -s bench                      # prints the report
+    nox -s bench -- --write-docs      # and rewrites docs/performance.md
+    python -m lmcd.benchmarks [--duration 5] [--out build/performance.md]
+
+docs/performance.md holds published figures: it is written only when asked
+(`--write-docs`), so a run on a busy machine never replaces them by chance.
 
 Everything is measured in one run on this machine: lmcd, the reference
 server (lmcache 0.3.11), a bare pyzmq echo server, memcpy, and the reference
@@ -42,6 +46,7 @@ from lmcd.wire.lmcache03 import RequestType
 
 LOOKUP_KEYS = 64
 CLIENTS = 4
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 @contextmanager
@@ -230,9 +235,10 @@ def report(args: argparse.Namespace) -> str:
     lines = [
         "# Performance",
         "",
-        "Every figure below comes from one run of `nox -s bench` (which runs",
-        "`python -m lmcd.benchmarks`) on one machine; each ratio compares two",
-        "figures of that same run. Re-run it to get your machine's numbers.",
+        "Every figure below comes from one run of `nox -s bench -- --write-docs`",
+        "(`python -m lmcd.benchmarks --write-docs`) on one machine; each ratio",
+        "compares two figures of that same run. `nox -s bench` prints your",
+        "machine's report without touching this page.",
         "",
         f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
         f"- machine: {machine()}",
@@ -334,7 +340,7 @@ def report(args: argparse.Namespace) -> str:
         "docs/gpu-results.md` (store and retrieve GB/s next to a plain",
         "pinned-memory copy in the same run), then included here.",
     ]
-    gpu = Path(args.out).with_name("gpu-results.md")
+    gpu = DOCS / "gpu-results.md"
     if gpu.exists():
         lines += ["", gpu.read_text().strip()]
     else:
@@ -342,7 +348,7 @@ def report(args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0] if __doc__ else ""
     )
@@ -364,11 +370,33 @@ def main() -> None:
     parser.add_argument(
         "--tiers-dir", default=None, help="where their disk tiers go (a drive)"
     )
-    parser.add_argument("--out", default="docs/performance.md")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--out", default=None, help="also write the report to this file"
+    )
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="also write it to docs/performance.md (the published figures)",
+    )
+    return parser.parse_args(argv)
+
+
+def destinations(args: argparse.Namespace) -> list[Path]:
+    """The files the report goes to besides stdout: none unless asked."""
+    paths = [] if args.out is None else [Path(args.out)]
+    if args.write_docs:
+        paths.append(DOCS / "performance.md")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     text = report(args)
-    Path(args.out).write_text(text)
     print(text)
+    for path in destinations(args):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"written to {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":
