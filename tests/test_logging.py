@@ -377,6 +377,8 @@ async def test_startup_is_a_few_lines_whatever_the_segments(
     ]
     assert len(started) <= 5, started
     text = "\n".join(started)
-    assert f"listening on {endpoint} for lmcache-0.3, lmcache-0.5" in text
+    names = ", ".join(d.name for d in daemon.handlers.router.dialects)
+    assert "lmcache-0.4.6" in names  # --dialect auto
+    assert f"listening on {endpoint} for {names} (detected per connection)" in text
     assert "(64 segments)" in text
     assert "CPU buffer: 0.06 GiB of host memory in segments of 1 MiB" in text
