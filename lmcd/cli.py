@@ -139,6 +139,14 @@ def serve(
             "CPU workers), in MiB, fully backed in /dev/shm; 0 refuses that mode."
         ),
     ] = 1024,
+    max_message_mb: Annotated[
+        int,
+        typer.Option(
+            help="The most one client message may carry, in MiB (1..4096); "
+            "larger ones are answered as failures. lmcache 0.4.6 CPU workers "
+            "send their chunks inside STOREs: raise it for large models."
+        ),
+    ] = 32,
     shm_owners: Annotated[
         str | None,
         typer.Option(
@@ -325,6 +333,7 @@ def serve(
             dialect=dialect,
             worker_timeout=worker_timeout,
             pool_mb=pool_size,
+            max_message_mb=max_message_mb,
             shm_owners=None if shm_owners is None else parse_uids(shm_owners),
             disk_path=disk_path,
             disk_size=disk_size,

@@ -20,6 +20,7 @@ MiB = 1 << 20
 MAX_BUFFER_GIB = 1 << 20
 MAX_MB = 1 << 30
 MAX_SECONDS = 366 * 24 * 3600.0
+MAX_MESSAGE_MB = 4096
 DISK_POLICIES = ("write-back", "write-through")
 DIRECT_IO: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
 
@@ -48,6 +49,8 @@ class Config:
     registration_grace: float = 3600.0
     # Each engine-driven worker's shared-memory pool (MiB); 0 refuses that mode.
     pool_mb: int = 1024
+    # The most one message may carry after its routing identity (MiB).
+    max_message_mb: int = 32
     # uids whose /dev/shm files may be registered; None: any owner.
     shm_owners: frozenset[int] | None = None
     # Where to write the bound port (for `--port 0`).
@@ -98,6 +101,7 @@ class Config:
         check_int("--prepare-ahead-mb", self.prepare_ahead_mb, 0, MAX_MB)
         check_number("--worker-timeout", self.worker_timeout, 0, MAX_SECONDS, "seconds")
         check_int("--pool-size", self.pool_mb, 0, 1 << 20)
+        check_int("--max-message-mb", self.max_message_mb, 1, MAX_MESSAGE_MB)
         dialects_for(self.dialect)  # raises ConfigError for an unknown name
         if self.buffer_bytes < 4096:
             raise ConfigError("--cpu-buffer-size is smaller than one 4 KiB page")
@@ -171,6 +175,10 @@ class Config:
     @property
     def buffer_bytes(self) -> int:
         return int(self.cpu_buffer_size * GiB)
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * MiB
 
     @property
     def pool_bytes(self) -> int:

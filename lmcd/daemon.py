@@ -107,7 +107,11 @@ class Daemon:
         )
         self.scheduler.peers.append(self.pools)
         self.listener = Listener(
-            cfg.host, cfg.port, self._on_message, on_oversized=self._on_oversized
+            cfg.host,
+            cfg.port,
+            self._on_message,
+            on_oversized=self._on_oversized,
+            max_message_bytes=cfg.max_message_bytes,
         )
         self.handlers = Handlers(
             self.storage,

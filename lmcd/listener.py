@@ -10,11 +10,12 @@ happen here, on the Trio thread (a ZMQ socket is not thread-safe).
 
 Limits, each enforced here so that one client cannot hurt the others:
 
-- a message keeps at most `MAX_MESSAGE_FRAMES` frames and `MAX_MESSAGE_BYTES`
-  bytes after the identity; the rest of a larger one is received and
-  dropped part by part, never held, and the message is answered with a
-  failure through `on_oversized` (ZMQ itself refuses a frame over
-  `MAX_FRAME_BYTES` by disconnecting the peer);
+- a message keeps at most `MAX_MESSAGE_FRAMES` frames and `max_message_bytes`
+  bytes after the identity (`--max-message-mb`, default `MAX_MESSAGE_BYTES`);
+  the rest of a larger one is received and dropped part by part, never
+  held, and the message is answered with a failure through `on_oversized`
+  (ZMQ itself refuses a frame over twice that, at least `MAX_FRAME_BYTES`,
+  by disconnecting the peer);
 - each client has its own bounded outbox: a reply that meets a full pipe
   (ROUTER_MANDATORY's EAGAIN, for that peer only) parks the client, its
   later replies queue behind it and are retried on a backoff timer (a
@@ -40,12 +41,16 @@ from lmcd.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
-# ZMQ disconnects a peer whose single frame exceeds this (a backstop for
-# frames the listener would drop anyway).
+# ZMQ disconnects a peer whose single frame exceeds this, or twice the
+# message limit if that is more (a backstop for frames the listener would
+# drop anyway).
+MiB = 1 << 20
 MAX_FRAME_BYTES = 64 << 20
 # Frames and bytes kept of one message after the routing identity. The
 # largest messages of any dialect: lmcache 0.5's REGISTER, 9 frames; a
-# STORE carrying a 1M-token prompt's token ids, about 5 MB.
+# STORE carrying a 1M-token prompt's token ids, about 5 MB. The byte limit
+# is the default of `--max-message-mb` (lmcache 0.4.6's CPU workers send
+# their chunks inside STORE messages: large models need more).
 MAX_MESSAGE_FRAMES = 32
 MAX_MESSAGE_BYTES = 32 << 20
 # Replies ZMQ queues for one peer before a send to it says EAGAIN (ZMQ
@@ -137,6 +142,7 @@ class Listener:
     send_hwm: int = SEND_HWM
     max_queued_replies: int = MAX_QUEUED_REPLIES
     max_queued_bytes: int = MAX_QUEUED_BYTES
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     stall_after: float = STALL_AFTER
     dropped_replies: int = 0
     oversized_messages: int = 0
@@ -162,6 +168,11 @@ class Listener:
         factory=lambda: RateLimitedLog(log), init=False
     )
 
+    @property
+    def max_frame_bytes(self) -> int:
+        """ZMQ's per-frame backstop (`MAXMSGSIZE`)."""
+        return max(MAX_FRAME_BYTES, 2 * self.max_message_bytes)
+
     def bind(self) -> str:
         """Create and bind the socket; returns the bound endpoint (with the
         real port when `port` is 0). Raises `ConfigError` if the address is
@@ -169,7 +180,7 @@ class Listener:
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
         sock.setsockopt(zmq.SNDHWM, self.send_hwm)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         address = self.address or f"tcp://{self.host}:{self.port}"
@@ -235,7 +246,7 @@ class Listener:
         handled = 0
         while self._accepting and _events(sock) & _POLLIN:
             try:
-                frames, nbytes, more = _recv_message(sock)
+                frames, nbytes, more = _recv_message(sock, self.max_message_bytes)
             except zmq.Again:
                 break
             self._received += 1
@@ -245,8 +256,9 @@ class Listener:
                 self._discard = _Discard(
                     frames[0],
                     frames[1:],
-                    f"over lmcd's fixed limit of {MAX_MESSAGE_FRAMES} frames or "
-                    f"{MAX_MESSAGE_BYTES >> 20} MiB per message",
+                    f"over lmcd's limit of {MAX_MESSAGE_FRAMES} frames (fixed) or "
+                    f"{self.max_message_bytes / MiB:g} MiB per message "
+                    "(--max-message-mb)",
                     len(frames),
                     nbytes,
                 )
@@ -515,7 +527,9 @@ def _events(sock: zmq.Socket[bytes]) -> int:
     return int(_Base.get(sock, _EVENTS))
 
 
-def _recv_message(sock: zmq.Socket[bytes]) -> tuple[list[bytes], int, bool | None]:
+def _recv_message(
+    sock: zmq.Socket[bytes], max_bytes: int = MAX_MESSAGE_BYTES
+) -> tuple[list[bytes], int, bool | None]:
     """`(frames, nbytes, more)` for one message: all its frames and their
     size after the identity, `more` None; or, past a limit, the frames
     before the one that crossed it, the bytes received after the identity
@@ -530,7 +544,7 @@ def _recv_message(sock: zmq.Socket[bytes]) -> tuple[list[bytes], int, bool | Non
     while frame.more:
         frame = _Base.recv(sock, _NOBLOCK, False)
         total += len(frame)
-        if len(frames) > MAX_MESSAGE_FRAMES or total > MAX_MESSAGE_BYTES:
+        if len(frames) > MAX_MESSAGE_FRAMES or total > max_bytes:
             return frames, total, bool(frame.more)
         frames.append(frame.bytes)
     return frames, total, None

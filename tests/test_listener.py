@@ -147,6 +147,59 @@ async def test_message_over_the_byte_cap_is_dropped(env: Env) -> None:
     assert served == [[enc(2), enc(8)]]
 
 
+@pytest.mark.parametrize("limit_mib", [1, 80])
+async def test_byte_cap_is_the_configured_one(env: Env, limit_mib: int) -> None:
+    """`--max-message-mb`: a message one byte over the limit is dropped, one
+    at the limit is served (at 80 MiB: a frame over the 32 MiB default and
+    over ZMQ's 64 MiB backstop, which grows with the limit)."""
+    limit = limit_mib << 20
+    served: list[list[bytes]] = []
+    dropped: list[list[bytes]] = []
+    whys: list[str] = []
+    two = trio.Event()
+
+    def on_message(identity: bytes, frames: list[bytes]) -> None:
+        served.append(frames)
+        if len(served) == 2:
+            two.set()
+
+    def on_oversized(identity: bytes, frames: list[bytes], why: str) -> None:
+        dropped.append(frames)
+        whys.append(why)
+
+    listener = env.make_listener(
+        on_message, on_oversized=on_oversized, max_message_bytes=limit
+    )
+    # With the one-byte uid and type frames: exactly the limit, one byte over.
+    under = bytes(limit - 2)
+    over = bytes(limit - 1)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(listener.run)
+            sock = env.dealer()
+            sock.send_multipart([enc(1), enc(3), over])
+            sock.send_multipart([enc(2), enc(3), under])
+            sock.send_multipart([enc(3), enc(8)])
+            await two.wait()
+            nursery.cancel_scope.cancel()
+    assert dropped == [[enc(1), enc(3)]]
+    assert f"{limit_mib} MiB per message (--max-message-mb)" in whys[0]
+    assert [f[:2] for f in served] == [[enc(2), enc(3)], [enc(3), enc(8)]]
+    assert len(served[0][2]) == limit - 2
+
+
+@pytest.mark.parametrize(("limit_mib", "frame_mib"), [(1, 64), (32, 64), (80, 160)])
+def test_zmq_frame_backstop_grows_with_the_byte_cap(
+    env: Env, limit_mib: int, frame_mib: int
+) -> None:
+    # Over TCP, ZMQ drops a connection whose frame passes MAXMSGSIZE: it
+    # must stay above any frame the byte cap would let through.
+    listener = env.make_listener(lambda i, f: None, max_message_bytes=limit_mib << 20)
+    listener.bind()
+    assert listener._socket is not None
+    assert listener._socket.getsockopt(zmq.MAXMSGSIZE) == frame_mib << 20
+
+
 # -- one client that does not read ------------------------------------------------
 
 
