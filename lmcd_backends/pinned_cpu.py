@@ -112,8 +112,6 @@ class PinnedCpuTier:
 
     def __attrs_post_init__(self) -> None:
         self._arena = Arena(self.capacity_bytes, self.segment_bytes)
-        if self.pin is None:
-            self.pin = _cuda_available()
         self.lead_bytes = min(
             self._arena.capacity, max(self.lead_bytes, 2 * self._arena.segment_bytes)
         )
@@ -124,7 +122,12 @@ class PinnedCpuTier:
 
     @property
     def pinned(self) -> bool:
-        return bool(self.pin)
+        """Whether segments are pinned; `pin` None is resolved here, on
+        first use, not at construction: it imports torch (over a second),
+        which the daemon does in the background while it starts."""
+        if self.pin is None:
+            self.pin = _cuda_available()
+        return self.pin
 
     @property
     def prepared_bytes(self) -> int:
@@ -222,7 +225,7 @@ class PinnedCpuTier:
         self._memory.append(memory)
         log.info(
             "Allocated %s segment %d: %.2f GiB (%.2f of %.2f GiB ready)",
-            "pinned" if self.pin else "host",
+            "pinned" if self.pinned else "host",
             index,
             size / (1 << 30),
             self.prepared_bytes / (1 << 30),
@@ -244,7 +247,7 @@ class PinnedCpuTier:
         if self._stop.is_set():
             raise PreparationCancelled
         try:
-            if self.pin:
+            if self.pinned:
                 memory = torch.empty(size, dtype=torch.uint8, pin_memory=True)
             else:
                 memory = _committed_anonymous(

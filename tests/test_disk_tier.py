@@ -614,11 +614,12 @@ class Gate:
         self._open = threading.Event()
         self._starts = 0
         self._waiters: dict[int, trio.Event] = {}
+        self._token = trio.lowlevel.current_trio_token()
         real = getattr(io, name)
 
         def gated(*args: Any) -> Any:
             self._log("start")
-            trio.from_thread.run_sync(self._started)
+            trio.from_thread.run_sync(self._started, trio_token=self._token)
             self._open.wait(TIMEOUT)
             try:
                 return real(*args)

@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import enum
 import errno
+import itertools
 import mmap
 import os
 import threading
@@ -42,6 +43,9 @@ STREAM_BYTES = 4 << 20  # bounce size for unaligned direct I/O
 _HEX = frozenset("0123456789abcdef")
 NAME_LEN = 32
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+# Unique temporary names within this process (next() on a count is atomic
+# under the GIL); a previous process's are removed when the tier opens.
+_temp_serial = itertools.count()
 
 
 def subdir_names() -> list[str]:
@@ -234,7 +238,7 @@ def write_chunk(
     crc = crc32c(payload)
     header = encode_header(oid, crc)
     final = chunk_path(opts.root, name)
-    temp = f"{final}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
+    temp = f"{final}.{os.getpid()}-{next(_temp_serial)}{TEMP_SUFFIX}"
     flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
     fd = os.open(temp, flags | (_O_DIRECT if opts.direct else 0), 0o644)
     try:

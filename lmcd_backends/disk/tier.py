@@ -18,11 +18,14 @@ import errno
 import fcntl
 import logging
 import os
+import queue
+import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 import attrs
+import outcome
 import trio
 
 from lmcd.errors import TierError
@@ -40,6 +43,11 @@ DEFAULT_MIN_FREE_BYTES = 256 << 20
 JOURNAL_SLACK = 4096
 HEADER_READERS = 16  # threads reading headers of unjournaled files at open
 LOG_INTERVAL = 10.0  # seconds between two warnings of one kind
+# Worker threads run at this nice value above the daemon's: on a busy
+# machine the Trio thread (LOOKUPs, the request path) gets the CPU first.
+WORKER_NICE = 5
+
+T = TypeVar("T")
 
 
 class _RateLimitedLog:
@@ -59,6 +67,95 @@ class _RateLimitedLog:
         self._last[kind] = now
         suffix = f" ({skipped} more since the last such warning)" if skipped else ""
         log.warning(msg + suffix, *args)
+
+
+class _Job(Generic[T]):
+    """One blocking call queued for `_Workers`."""
+
+    __slots__ = ("args", "cancelled", "done", "fn", "result", "token")
+
+    def __init__(
+        self,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        token: trio.lowlevel.TrioToken,
+    ) -> None:
+        self.fn = fn
+        self.args = args
+        self.token = token
+        self.done = trio.Event()
+        self.cancelled = False  # set by the Trio thread: skip if not started
+        self.result: outcome.Outcome[T] | None = None
+
+    def run(self) -> None:  # in a worker thread
+        if not self.cancelled:
+            self.result = outcome.capture(self.fn, *self.args)
+        with contextlib.suppress(trio.RunFinishedError):
+            self.token.run_sync_soon(self.done.set)
+
+
+class _Workers:
+    """`threads` long-lived threads that take blocking calls from one queue.
+
+    Unlike a thread per call (`trio.to_thread`), a thread that finishes a
+    call takes the next queued one at once, without a round trip through
+    the Trio thread: with more calls queued than threads, the disk never
+    waits for the event loop. Threads start on first use, run at
+    `WORKER_NICE`, and end at `stop()`.
+    """
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._count = threads
+        self._name = name
+        self._queue: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in a worker thread. Cancelled before a thread took
+        it, it never runs (`trio.Cancelled`); once running, it is waited
+        for and its result returned (the caller's next checkpoint raises
+        the cancellation): a thread never outlives the call that lent it
+        buffers."""
+        if not self._threads:
+            self._start()
+        job = _Job(fn, args, trio.lowlevel.current_trio_token())
+        self._queue.put(job)
+        try:
+            await job.done.wait()
+        except trio.Cancelled:
+            job.cancelled = True
+            with trio.CancelScope(shield=True):
+                await job.done.wait()
+            if job.result is None:
+                raise
+        assert job.result is not None
+        return job.result.unwrap()
+
+    def _start(self) -> None:
+        for k in range(self._count):
+            thread = threading.Thread(
+                target=self._work, name=f"{self._name}-{k}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def _work(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            # A thread's own nice value (Linux: the TID as the "process").
+            tid = threading.get_native_id()
+            os.setpriority(
+                os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + WORKER_NICE
+            )
+        while (job := self._queue.get()) is not None:
+            job.run()
+
+    def stop(self) -> list[threading.Thread]:
+        """Let every thread end once the queue is empty; returns them (to
+        join, off the Trio thread)."""
+        threads, self._threads = self._threads, []
+        for _ in threads:
+            self._queue.put(None)
+        return threads
 
 
 @attrs.define(slots=True)
@@ -154,7 +251,7 @@ class DiskTier:
     _use_direct: bool = attrs.field(default=False, init=False)
     _journal: io.Journal | None = attrs.field(default=None, init=False)
     _lock_fd: int = attrs.field(default=-1, init=False)
-    _limiter: trio.CapacityLimiter = attrs.field(init=False)
+    _workers: _Workers = attrs.field(init=False)
     _bounce: io.Bounce = attrs.field(factory=io.Bounce, init=False)
     _busy: int = attrs.field(default=0, init=False)  # calls in progress
     _idle: trio.Event | None = attrs.field(default=None, init=False)
@@ -176,7 +273,7 @@ class DiskTier:
             raise ValueError("capacity_bytes must be positive")
         if self.threads < 1:
             raise ValueError("threads must be at least 1")
-        self._limiter = trio.CapacityLimiter(self.threads)
+        self._workers = _Workers(self.threads, f"lmcd-{self.name}")
 
     # -- what the storage manager reads without I/O ---------------------------
 
@@ -274,15 +371,8 @@ class DiskTier:
         assert self._journal is not None
         opts = io.WriteOptions(self.path, self._use_direct, self.fsync)
         try:
-            await trio.to_thread.run_sync(
-                io.write_chunk,
-                opts,
-                self._journal,
-                name,
-                oid,
-                view,
-                self._bounce,
-                limiter=self._limiter,
+            await self._workers.run(
+                io.write_chunk, opts, self._journal, name, oid, view, self._bounce
             )
         except OSError as e:
             self._write_failures += 1
@@ -340,7 +430,7 @@ class DiskTier:
         i, name, entry, view = step
         started[0] += 1
         try:
-            result = await trio.to_thread.run_sync(
+            result = await self._workers.run(
                 io.read_chunk,
                 self.path,
                 self._use_direct,
@@ -348,7 +438,6 @@ class DiskTier:
                 entry.oid,
                 view,
                 self._bounce,
-                limiter=self._limiter,
             )
         finally:
             self._queued -= 1
@@ -400,7 +489,7 @@ class DiskTier:
             self._unlinking += freed
             self._unlinking_names.update(names)
             try:
-                await trio.to_thread.run_sync(_remove_all, paths, limiter=self._limiter)
+                await self._workers.run(_remove_all, paths)
             finally:
                 self._unlinking -= freed
                 self._unlinking_names.difference_update(names)
@@ -433,12 +522,14 @@ class DiskTier:
             self._idle = trio.Event()
             await self._idle.wait()
         if not was_open or self._journal is None:
+            self._workers.stop()
             return
         journal, self._journal = self._journal, None
         lock_fd, self._lock_fd = self._lock_fd, -1
         ids = [e.oid for e in self._index.values()]
+        threads = self._workers.stop()
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(_close, journal, ids, lock_fd)
+            await trio.to_thread.run_sync(_close, journal, ids, lock_fd, threads)
 
     # -- internals ---------------------------------------------------------------
 
@@ -530,7 +621,7 @@ class DiskTier:
         ids = [e.oid for e in self._index.values()]
         ids += [w.oid for w in self._writing.values()]
         try:
-            await trio.to_thread.run_sync(journal.rewrite, ids, limiter=self._limiter)
+            await self._workers.run(journal.rewrite, ids)
         except OSError as e:
             self._warn.warning("journal", "Disk tier journal compaction failed: %s", e)
         finally:
@@ -542,7 +633,14 @@ def _remove_all(paths: list[str]) -> None:
         io.remove(path)
 
 
-def _close(journal: io.Journal, ids: list[ObjectId], lock_fd: int) -> None:
+def _close(
+    journal: io.Journal,
+    ids: list[ObjectId],
+    lock_fd: int,
+    threads: list[threading.Thread],
+) -> None:
+    for thread in threads:
+        thread.join()
     try:
         journal.rewrite(ids)
     except OSError as e:
