@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar, cast
 
 import attrs
 import outcome
@@ -69,29 +69,41 @@ class _RateLimitedLog:
         log.warning(msg + suffix, *args)
 
 
-class _Job(Generic[T]):
-    """One blocking call queued for `_Workers`."""
+class _Batch:
+    """Calls queued together for `_Workers`: the Trio thread is woken once,
+    when the last of them ends."""
 
-    __slots__ = ("args", "cancelled", "done", "fn", "result", "token")
+    __slots__ = ("cancelled", "done", "left", "lock", "token")
 
-    def __init__(
-        self,
-        fn: Callable[..., T],
-        args: tuple[Any, ...],
-        token: trio.lowlevel.TrioToken,
-    ) -> None:
-        self.fn = fn
-        self.args = args
+    def __init__(self, count: int, token: trio.lowlevel.TrioToken) -> None:
         self.token = token
         self.done = trio.Event()
-        self.cancelled = False  # set by the Trio thread: skip if not started
-        self.result: outcome.Outcome[T] | None = None
+        self.left = count
+        self.lock = threading.Lock()
+        self.cancelled = False  # set by the Trio thread: skip what has not started
+
+
+class _Job:
+    """One blocking call of a `_Batch`."""
+
+    __slots__ = ("args", "batch", "fn", "result")
+
+    def __init__(self, batch: _Batch, fn: Callable[..., Any], args: tuple[Any, ...]):
+        self.batch = batch
+        self.fn = fn
+        self.args = args
+        self.result: outcome.Outcome[Any] | None = None
 
     def run(self) -> None:  # in a worker thread
-        if not self.cancelled:
+        batch = self.batch
+        if not batch.cancelled:
             self.result = outcome.capture(self.fn, *self.args)
-        with contextlib.suppress(trio.RunFinishedError):
-            self.token.run_sync_soon(self.done.set)
+        with batch.lock:
+            batch.left -= 1
+            last = batch.left == 0
+        if last:
+            with contextlib.suppress(trio.RunFinishedError):
+                batch.token.run_sync_soon(batch.done.set)
 
 
 class _Workers:
@@ -99,37 +111,53 @@ class _Workers:
 
     Unlike a thread per call (`trio.to_thread`), a thread that finishes a
     call takes the next queued one at once, without a round trip through
-    the Trio thread: with more calls queued than threads, the disk never
-    waits for the event loop. Threads start on first use, run at
-    `WORKER_NICE`, and end at `stop()`.
+    the Trio thread, and a batch of calls wakes the Trio thread once: with
+    more calls queued than threads, the disk never waits for the event
+    loop, and the event loop (the request path) spends little on the disk.
+    Threads start on first use, run at `WORKER_NICE`, and end at `stop()`.
     """
 
     def __init__(self, threads: int, name: str) -> None:
         self._count = threads
         self._name = name
-        self._queue: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` in a worker thread. Cancelled before a thread took
-        it, it never runs (`trio.Cancelled`); once running, it is waited
-        for and its result returned (the caller's next checkpoint raises
-        the cancellation): a thread never outlives the call that lent it
-        buffers."""
+        """`fn(*args)` in a worker thread (see `run_all`)."""
+        (result,) = await self.run_all([(fn, args)])
+        assert result is not None
+        return cast("T", result.unwrap())
+
+    async def run_all(
+        self, calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]
+    ) -> list[outcome.Outcome[Any]]:
+        """Each `fn(*args)` in worker threads, at most `threads` at once;
+        their outcomes once all have ended.
+
+        Cancelled, calls that no thread has taken yet never run, the
+        running ones are waited for (a thread never outlives the call that
+        lent it buffers), and `trio.Cancelled` is raised with
+        `.outcomes` (None for a call that never ran) attached, so that the
+        caller can account for what did happen before it re-raises.
+        """
+        if not calls:
+            return []
         if not self._threads:
             self._start()
-        job = _Job(fn, args, trio.lowlevel.current_trio_token())
-        self._queue.put(job)
+        batch = _Batch(len(calls), trio.lowlevel.current_trio_token())
+        jobs = [_Job(batch, fn, args) for fn, args in calls]
+        for job in jobs:
+            self._queue.put(job)
         try:
-            await job.done.wait()
-        except trio.Cancelled:
-            job.cancelled = True
+            await batch.done.wait()
+        except trio.Cancelled as cancelled:
+            batch.cancelled = True
             with trio.CancelScope(shield=True):
-                await job.done.wait()
-            if job.result is None:
-                raise
-        assert job.result is not None
-        return job.result.unwrap()
+                await batch.done.wait()
+            cancelled.outcomes = [job.result for job in jobs]  # type: ignore[attr-defined]
+            raise
+        return [job.result for job in jobs if job.result is not None]
 
     def _start(self) -> None:
         for k in range(self._count):
@@ -203,7 +231,9 @@ def _view(buf: Any, oid: ObjectId, writable: bool) -> memoryview:
     return view
 
 
-@attrs.define(slots=True, eq=False)
+# No on_setattr hooks: the converter of `path` runs at construction only,
+# and the counters below change per chunk on the Trio thread.
+@attrs.define(slots=True, eq=False, on_setattr=attrs.setters.NO_OP)
 class DiskTier:
     """A bounded, persistent, verified chunk store in one directory;
     implements `lmcd_backends.protocol.CopyTier`.
@@ -351,41 +381,50 @@ class DiskTier:
                 self._reserved += size
                 self._queued += 1
                 plan.append((i, name, oid, view, write))
+            assert self._journal is not None
+            opts = io.WriteOptions(self.path, self._use_direct, self.fsync)
+            journal, bounce = self._journal, self._bounce
+            calls = [
+                (io.write_chunk, (opts, journal, name, oid, view, bounce))
+                for _, name, oid, view, _ in plan
+            ]
             try:
-                async with trio.open_nursery() as nursery:
-                    for step in plan:
-                        nursery.start_soon(self._put_one, step, results)
+                outcomes: list[outcome.Outcome[Any] | None]
+                try:
+                    outcomes = list(await self._workers.run_all(calls))
+                except trio.Cancelled as e:
+                    outcomes = getattr(e, "outcomes", [None] * len(plan))
+                    self._wrote(plan, outcomes, results)
+                    raise
+                self._wrote(plan, outcomes, results)
             finally:
-                # Only steps cancelled before their task ran are left here.
                 for _, name, _, _, write in plan:
                     self._finish_write(name, write)
             await self._maybe_compact()
             return results
 
-    async def _put_one(
+    def _wrote(
         self,
-        step: tuple[int, str, ObjectId, memoryview, _Write],
+        plan: list[tuple[int, str, ObjectId, memoryview, _Write]],
+        outcomes: Sequence[outcome.Outcome[Any] | None],
         results: list[bool],
     ) -> None:
-        i, name, oid, view, write = step
-        assert self._journal is not None
-        opts = io.WriteOptions(self.path, self._use_direct, self.fsync)
-        try:
-            await self._workers.run(
-                io.write_chunk, opts, self._journal, name, oid, view, self._bounce
-            )
-        except OSError as e:
-            self._write_failures += 1
-            self._warn.warning("write", "Disk tier write failed: %s", e)
-            return
-        finally:
-            self._finish_write(name, write)
-        # No checkpoint since the thread returned: the index and the file agree.
-        self._index[name] = _Entry(oid, write.size)
-        self._used += write.size
-        self._writes += 1
-        self._written_bytes += oid.nbytes
-        results[i] = True
+        """Index the chunks whose write succeeded (no checkpoint since the
+        threads ended: the index and the files agree)."""
+        for (i, name, oid, _, write), done in zip(plan, outcomes, strict=True):
+            if done is None:
+                continue  # never started
+            if isinstance(done, outcome.Error):
+                if not isinstance(done.error, OSError):
+                    done.unwrap()  # a bug: let it out
+                self._write_failures += 1
+                self._warn.warning("write", "Disk tier write failed: %s", done.error)
+                continue
+            self._index[name] = _Entry(oid, write.size)
+            self._used += write.size
+            self._writes += 1
+            self._written_bytes += oid.nbytes
+            results[i] = True
 
     def _finish_write(self, name: str, write: _Write) -> None:
         if self._writing.get(name) is write:
@@ -412,35 +451,44 @@ class DiskTier:
                 if entry is not None and entry.oid == oid:
                     plan.append((i, name, entry, view))
             self._queued += len(plan)
-            started = [0]
+            calls = [
+                (
+                    io.read_chunk,
+                    (self.path, self._use_direct, name, e.oid, view, self._bounce),
+                )
+                for _, name, e, view in plan
+            ]
             try:
-                async with trio.open_nursery() as nursery:
-                    for step in plan:
-                        nursery.start_soon(self._get_one, step, results, started)
+                outcomes: list[outcome.Outcome[Any] | None]
+                try:
+                    outcomes = list(await self._workers.run_all(calls))
+                except trio.Cancelled as exc:
+                    outcomes = getattr(exc, "outcomes", [None] * len(plan))
+                    self._read(plan, outcomes, results)
+                    raise
+                self._read(plan, outcomes, results)
             finally:
-                self._queued -= len(plan) - started[0]
+                self._queued -= len(plan)
             return results
 
-    async def _get_one(
+    def _read(
         self,
-        step: tuple[int, str, _Entry, memoryview],
+        plan: list[tuple[int, str, _Entry, memoryview]],
+        outcomes: Sequence[outcome.Outcome[Any] | None],
         results: list[bool],
-        started: list[int],
     ) -> None:
-        i, name, entry, view = step
-        started[0] += 1
-        try:
-            result = await self._workers.run(
-                io.read_chunk,
-                self.path,
-                self._use_direct,
-                name,
-                entry.oid,
-                view,
-                self._bounce,
-            )
-        finally:
-            self._queued -= 1
+        for (i, name, entry, _), done in zip(plan, outcomes, strict=True):
+            if done is not None:
+                self._read_one(i, name, entry, done.unwrap(), results)
+
+    def _read_one(
+        self,
+        i: int,
+        name: str,
+        entry: _Entry,
+        result: io.ReadResult,
+        results: list[bool],
+    ) -> None:
         if result.outcome is io.ReadOutcome.OK:
             self._reads += 1
             self._read_bytes += entry.oid.nbytes
