@@ -366,7 +366,8 @@ class DiskTier:
                     self._warn.warning("id", "Disk tier cannot store %r: %s", oid, e)
                     continue
                 name = oid.name()
-                if self._held(oid):
+                entry = self._index.get(name)
+                if entry is not None and entry.oid == oid:
                     results[i] = True
                     continue
                 if name in self._writing or name in self._unlinking_names:
