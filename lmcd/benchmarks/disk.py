@@ -5,7 +5,8 @@
 For each chunk size: write then read `--total-gb` of chunks with the disk
 tier, and with a plain baseline on the same directory: one file per chunk,
 O_DIRECT, `pwrite`/`preadv` of the whole chunk from an aligned buffer, in
-`--threads` threads (so `--threads` I/Os in flight). The tier gets the same
+`--threads` threads (so `--threads` I/Os in flight) at the tier's worker
+priority (nice +`WORKER_NICE`). The tier gets the same
 number of worker threads, so the same number of I/Os in flight, and is fed
 as the daemon feeds it: `DEMOTION_WRITERS` callers, each with a `put` (or
 `get_into`) of `--threads` chunks at a time. Rounds alternate baseline and
@@ -38,7 +39,11 @@ import trio
 from lmcd.tiering import DEMOTION_WRITERS
 from lmcd_backends.disk import DiskTier
 from lmcd_backends.disk import io as disk_io
-from lmcd_backends.disk.tier import DEFAULT_THREADS
+from lmcd_backends.disk.tier import (
+    DEFAULT_THREADS,
+    WORKER_NICE,
+    lower_thread_priority,
+)
 from lmcd_backends.protocol import ObjectId
 
 MiB = 1 << 20
@@ -80,8 +85,15 @@ def _aligned(nbytes: int) -> mmap.mmap:
 
 
 def _parallel(threads: int, work: Callable[[int], None]) -> float:
-    """Run work(0..threads-1) in threads; seconds from start to last end."""
-    pool = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    """Run work(0..threads-1) in threads, at the disk tier's worker priority
+    (`WORKER_NICE`: a fair baseline on a busy machine); seconds from start
+    to last end."""
+
+    def run(k: int) -> None:
+        lower_thread_priority()
+        work(k)
+
+    pool = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
     started = time.perf_counter()
     for t in pool:
         t.start()
@@ -287,7 +299,8 @@ def report(tp: list[Throughput], rs: Restart, threads: int, rounds: int) -> str:
     ok_tp = all(t.write_ratio >= 0.8 and t.read_ratio >= 0.8 for t in tp)
     lines += [
         "",
-        f"{threads} threads for both ({threads} I/Os in flight); the tier fed by "
+        f"{threads} threads for both ({threads} I/Os in flight, nice "
+        f"+{WORKER_NICE}); the tier fed by "
         f"{DEMOTION_WRITERS} callers of {threads} chunks each, as the daemon's "
         f"demotion does; median of {rounds} rounds; goal >= 80% of the "
         f"baseline: {'met' if ok_tp else '**not met**'}.",

@@ -69,6 +69,16 @@ class _RateLimitedLog:
         log.warning(msg + suffix, *args)
 
 
+def lower_thread_priority(by: int | None = None) -> None:
+    """Raise the calling thread's nice value by `by` (`WORKER_NICE` by
+    default); Linux only (a thread's TID works as a "process" for
+    setpriority), silently nothing elsewhere or when refused."""
+    with contextlib.suppress(OSError, AttributeError):
+        tid = threading.get_native_id()
+        now = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, now + (WORKER_NICE if by is None else by))
+
+
 class _Batch:
     """Calls queued together for `_Workers`: the Trio thread is woken once,
     when the last of them ends."""
@@ -168,12 +178,7 @@ class _Workers:
             self._threads.append(thread)
 
     def _work(self) -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            # A thread's own nice value (Linux: the TID as the "process").
-            tid = threading.get_native_id()
-            os.setpriority(
-                os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + WORKER_NICE
-            )
+        lower_thread_priority()
         while (job := self._queue.get()) is not None:
             job.run()
 
