@@ -279,7 +279,9 @@ class Daemon:
                         await self._start_metrics(nursery)
                     # Start-up objects (torch, modules) live for good: keep
                     # the cyclic GC from rescanning them on the request path.
-                    gc.collect()
+                    # No full collection first: it finds ~70 garbage objects
+                    # among ~190,000 and would hold the first request back
+                    # by 0.1-0.2 s on a small machine.
                     gc.freeze()
                     if self.config.port_file is not None:
                         _write_port_file(self.config.port_file, endpoint)
