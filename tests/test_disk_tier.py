@@ -320,6 +320,34 @@ async def test_reopen_with_a_torn_journal(tmp_path: Path, cap: None) -> None:
     await again.aclose()
 
 
+async def test_a_clean_journal_is_kept_and_its_torn_tail_cut(
+    tmp_path: Path, cap: None
+) -> None:
+    ids = [oid(i, 3000 + i) for i in range(6)]
+    t = DiskTier(tmp_path, 256 * MiB)
+    await t.put([(i, payload(i)) for i in ids[:5]])
+    await t.aclose()  # a compact journal: one record per chunk
+    journal = tmp_path / io.JOURNAL
+    size = journal.stat().st_size
+    with journal.open("ab") as f:
+        f.write(format.encode_record(ids[5])[:-3])  # a crash mid-append
+    opened = tier_module._open_directory(str(tmp_path), None, False)
+    try:
+        # Nothing to rewrite: the torn record is cut off, the rest kept.
+        assert set(opened.index) == {i.name() for i in ids[:5]}
+        assert opened.from_headers == opened.removed == 0
+        assert journal.stat().st_size == size
+        assert opened.journal.records == 5
+        opened.journal.append(ids[5])  # lands after the cut
+    finally:
+        opened.journal.close()
+        os.close(opened.lock_fd)
+    recorded = opened.journal.read()
+    assert recorded is not None
+    assert recorded[0] == ids[:6]
+    assert recorded[1] == journal.stat().st_size
+
+
 async def test_reopen_cleans_temporaries_and_ignores_foreign_files(
     tmp_path: Path, cap: None
 ) -> None:

@@ -747,17 +747,28 @@ def _recover(
     if direct and not use_direct:
         raise TierError(f"{path} does not support direct I/O")
     journal = io.Journal(path, fsync)
-    recorded = journal.read() or []
+    found_journal = journal.read()
+    recorded, journal_end = found_journal or ([], 0)
     listing = io.list_chunks(path)
     for temp in listing.temporaries + io.root_temporaries(path):
         io.remove(temp)
     index: dict[str, _Entry] = {}
+    sizes: dict[tuple[str, int, int], int] = {}  # file_size by shape
     for oid in recorded:
         name = oid.name()
         if name in listing.names:
+            shape = (oid.layout, len(oid.key), oid.nbytes)
+            size = sizes.get(shape)
+            if size is None:
+                try:
+                    size = sizes[shape] = file_size(oid)
+                except FormatError:
+                    continue  # a record no tier of this format writes
             # The latest record decides the order (oldest write first).
             index.pop(name, None)
-            index[name] = _Entry(oid, file_size(oid))
+            index[name] = _Entry(oid, size)
+    # Every record names a present chunk, once: the journal can be kept.
+    clean = found_journal is not None and len(index) == len(recorded)
     from_headers = removed = 0
     # Renamed in but not journaled (written just before a crash, or the
     # journal was lost): read their headers, in parallel (cold reads are
@@ -781,7 +792,10 @@ def _recover(
             len(listing.foreign),
             listing.foreign[0],
         )
-    journal.rewrite(e.oid for e in index.values())
+    if clean and not from_headers and not removed:
+        journal.reopen(journal_end, len(recorded))
+    else:
+        journal.rewrite(e.oid for e in index.values())
     return _Opened(
         direct=use_direct,
         index=index,
