@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import trio
+from crc32c import crc32c
 
 from lmcd.errors import TierError
 from lmcd_backends.disk import DiskTier, format, io
@@ -346,6 +347,24 @@ async def test_a_clean_journal_is_kept_and_its_torn_tail_cut(
     assert recorded is not None
     assert recorded[0] == ids[:6]
     assert recorded[1] == journal.stat().st_size
+
+
+def test_a_journal_record_no_tier_writes_is_skipped(tmp_path: Path) -> None:
+    # CRC-valid, but with a key longer than any chunk header may hold.
+    huge = ObjectId(b"k" * (format.MAX_KEY_BYTES + 1), "bench", 4096)
+    body = struct.pack("<QHI", huge.nbytes, 5, len(huge.key)) + b"bench" + huge.key
+    record = struct.pack("<III", format.RECORD_MAGIC, len(body), crc32c(body)) + body
+    (tmp_path / tier_module.MARKER).write_text(tier_module.MARKER_TEXT)
+    (tmp_path / io.JOURNAL).write_bytes(format.encode_journal_header() + record)
+    file = Path(io.chunk_path(str(tmp_path), huge.name()))
+    file.parent.mkdir(parents=True)
+    file.write_bytes(b"x" * 8192)
+    opened = tier_module._open_directory(str(tmp_path), None, False)
+    opened.journal.close()
+    os.close(opened.lock_fd)
+    assert opened.index == {}
+    assert opened.removed == 1  # not a chunk file of its name either
+    assert not file.exists()
 
 
 async def test_reopen_cleans_temporaries_and_ignores_foreign_files(
