@@ -65,6 +65,8 @@ from lmcd.wire.types import (
 )
 
 log = logging.getLogger(__name__)
+# Instance ids remembered as "told unhealthy once" (see Handlers._ping).
+MAX_UNKNOWN_PINGS = 4096
 
 # What a data-plane request gets when admitted on arrival.
 _Admitted = StoreJob | RetrieveJob | PoolJob | RegistrationTurn
@@ -125,6 +127,9 @@ class Handlers:
     _debug: RequestDebugLog = attrs.field(factory=lambda: RequestDebugLog(log))
     _idle: trio.Event = attrs.field(factory=trio.Event)
     _unsupported_seen: set[str] = attrs.field(factory=set)
+    # Instance ids that pinged without a registration and were answered
+    # False once (see `_ping`).
+    _unknown_pings: set[int] = attrs.field(factory=set)
     _closing: bool = False
     # Set when the router starts holding a message (its deadline to watch).
     _holding: trio.Event = attrs.field(factory=trio.Event)
@@ -421,9 +426,9 @@ class Handlers:
             self.sessions.end(request.request_id)
             return None
         if isinstance(request, Ping):
-            if request.instance_id is not None:
-                self.scheduler.heartbeat(request.instance_id)
-            return True
+            if request.instance_id is None:
+                return True
+            return self._ping(request.instance_id)
         if isinstance(request, Capabilities):
             return []
         if isinstance(request, ReportBlockAllocation):
@@ -435,6 +440,31 @@ class Handlers:
             return self._pools().commit_retrieve(request)
         # -- end of engine-driven pools --
         raise ProtocolError(f"no control-plane handler for {request!r}")
+
+    def _ping(self, instance_id: int) -> bool:
+        """A heartbeat from a worker (lmcache 0.5 pings with its id).
+
+        A worker this daemon holds no registration for (it restarted, and
+        engine-driven pools are not remembered; or it reaped the worker as
+        silent) is answered False once, then True: lmcache 0.5's heartbeat
+        re-registers its KV caches on exactly that unhealthy-to-healthy
+        edge, so the worker comes back by itself within two heartbeats
+        instead of sending requests for an instance that no longer exists.
+        """
+        if self.scheduler.heartbeat(instance_id):
+            self._unknown_pings.discard(instance_id)
+            return True
+        if instance_id in self._unknown_pings:
+            return True
+        if len(self._unknown_pings) >= MAX_UNKNOWN_PINGS:
+            self._unknown_pings.clear()  # bounded: ids come from clients
+        self._unknown_pings.add(instance_id)
+        self._log_limit.warning(
+            "Ping from worker %d, which has no registration here: answered "
+            "unhealthy once, so that it registers again",
+            instance_id,
+        )
+        return False
 
     # -- lower tiers (lmcd.tiering) ---------------------------------------------
 

@@ -125,8 +125,6 @@ class PinnedCpuTier:
 
     def __attrs_post_init__(self) -> None:
         self._arena = Arena(self.capacity_bytes, self.segment_bytes)
-        if self.pin is None:
-            self.pin = _cuda_available()
         self.lead_bytes = min(
             self._arena.capacity, max(self.lead_bytes, 2 * self._arena.segment_bytes)
         )
@@ -137,7 +135,12 @@ class PinnedCpuTier:
 
     @property
     def pinned(self) -> bool:
-        return bool(self.pin)
+        """Whether segments are pinned; `pin` None is resolved here, on
+        first use, not at construction: it imports torch (over a second),
+        which the daemon does in the background while it starts."""
+        if self.pin is None:
+            self.pin = _cuda_available()
+        return self.pin
 
     @property
     def prepared_bytes(self) -> int:
@@ -257,7 +260,7 @@ class PinnedCpuTier:
         # logs the totals (and the buffer once it is fully prepared).
         log.debug(
             "Allocated %s segment %d: %s (%s of %s ready)",
-            "pinned" if self.pin else "host",
+            "pinned" if self.pinned else "host",
             index,
             _size(size),
             _size(self.prepared_bytes),
@@ -279,7 +282,7 @@ class PinnedCpuTier:
         if self._stop.is_set():
             raise PreparationCancelled
         try:
-            if self.pin:
+            if self.pinned:
                 memory = torch.empty(size, dtype=torch.uint8, pin_memory=True)
             else:
                 memory = _committed_anonymous(

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import trio
+from crc32c import crc32c
 
 from lmcd.errors import TierError
 from lmcd_backends.disk import DiskTier, format, io
@@ -320,6 +321,52 @@ async def test_reopen_with_a_torn_journal(tmp_path: Path, cap: None) -> None:
     await again.aclose()
 
 
+async def test_a_clean_journal_is_kept_and_its_torn_tail_cut(
+    tmp_path: Path, cap: None
+) -> None:
+    ids = [oid(i, 3000 + i) for i in range(6)]
+    t = DiskTier(tmp_path, 256 * MiB)
+    await t.put([(i, payload(i)) for i in ids[:5]])
+    await t.aclose()  # a compact journal: one record per chunk
+    journal = tmp_path / io.JOURNAL
+    size = journal.stat().st_size
+    with journal.open("ab") as f:
+        f.write(format.encode_record(ids[5])[:-3])  # a crash mid-append
+    opened = tier_module._open_directory(str(tmp_path), None, False)
+    try:
+        # Nothing to rewrite: the torn record is cut off, the rest kept.
+        assert set(opened.index) == {i.name() for i in ids[:5]}
+        assert opened.from_headers == opened.removed == 0
+        assert journal.stat().st_size == size
+        assert opened.journal.records == 5
+        opened.journal.append(ids[5])  # lands after the cut
+    finally:
+        opened.journal.close()
+        os.close(opened.lock_fd)
+    recorded = opened.journal.read()
+    assert recorded is not None
+    assert recorded[0] == ids[:6]
+    assert recorded[1] == journal.stat().st_size
+
+
+def test_a_journal_record_no_tier_writes_is_skipped(tmp_path: Path) -> None:
+    # CRC-valid, but with a key longer than any chunk header may hold.
+    huge = ObjectId(b"k" * (format.MAX_KEY_BYTES + 1), "bench", 4096)
+    body = struct.pack("<QHI", huge.nbytes, 5, len(huge.key)) + b"bench" + huge.key
+    record = struct.pack("<III", format.RECORD_MAGIC, len(body), crc32c(body)) + body
+    (tmp_path / tier_module.MARKER).write_text(tier_module.MARKER_TEXT)
+    (tmp_path / io.JOURNAL).write_bytes(format.encode_journal_header() + record)
+    file = Path(io.chunk_path(str(tmp_path), huge.name()))
+    file.parent.mkdir(parents=True)
+    file.write_bytes(b"x" * 8192)
+    opened = tier_module._open_directory(str(tmp_path), None, False)
+    opened.journal.close()
+    os.close(opened.lock_fd)
+    assert opened.index == {}
+    assert opened.removed == 1  # not a chunk file of its name either
+    assert not file.exists()
+
+
 async def test_reopen_cleans_temporaries_and_ignores_foreign_files(
     tmp_path: Path, cap: None
 ) -> None:
@@ -614,11 +661,12 @@ class Gate:
         self._open = threading.Event()
         self._starts = 0
         self._waiters: dict[int, trio.Event] = {}
+        self._token = trio.lowlevel.current_trio_token()
         real = getattr(io, name)
 
         def gated(*args: Any) -> Any:
             self._log("start")
-            trio.from_thread.run_sync(self._started)
+            trio.from_thread.run_sync(self._started, trio_token=self._token)
             self._open.wait(TIMEOUT)
             try:
                 return real(*args)

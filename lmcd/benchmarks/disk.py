@@ -3,10 +3,14 @@
     python -m lmcd.benchmarks.disk --dir /mnt/nvme/scratch [--chunk-mb 2 32]
 
 For each chunk size: write then read `--total-gb` of chunks with the disk
-tier (`put` / `get_into` in batches, `--threads` worker threads), and with
-a plain baseline on the same directory: one file per chunk, O_DIRECT,
-`pwrite`/`preadv` of the whole chunk from an aligned buffer, the same number
-of threads. Rounds alternate baseline and tier; the median round counts.
+tier, and with a plain baseline on the same directory: one file per chunk,
+O_DIRECT, `pwrite`/`preadv` of the whole chunk from an aligned buffer, in
+`--threads` threads (so `--threads` I/Os in flight) at the tier's worker
+priority (nice +`WORKER_NICE`). The tier gets the same
+number of worker threads, so the same number of I/Os in flight, and is fed
+as the daemon feeds it: `DEMOTION_WRITERS` callers, each with a `put` (or
+`get_into`) of `--threads` chunks at a time. Rounds alternate baseline and
+tier; the median round counts.
 Then the restart: `--restart-chunks` chunks written by the tier, a new
 process opens the directory, and the time to its first verified hit is
 measured (tier open + scan + one read; and from process start).
@@ -32,9 +36,14 @@ from pathlib import Path
 import attrs
 import trio
 
+from lmcd.tiering import DEMOTION_WRITERS
 from lmcd_backends.disk import DiskTier
 from lmcd_backends.disk import io as disk_io
-from lmcd_backends.disk.tier import DEFAULT_THREADS
+from lmcd_backends.disk.tier import (
+    DEFAULT_THREADS,
+    WORKER_NICE,
+    lower_thread_priority,
+)
 from lmcd_backends.protocol import ObjectId
 
 MiB = 1 << 20
@@ -76,8 +85,15 @@ def _aligned(nbytes: int) -> mmap.mmap:
 
 
 def _parallel(threads: int, work: Callable[[int], None]) -> float:
-    """Run work(0..threads-1) in threads; seconds from start to last end."""
-    pool = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    """Run work(0..threads-1) in threads, at the disk tier's worker priority
+    (`WORKER_NICE`: a fair baseline on a busy machine); seconds from start
+    to last end."""
+
+    def run(k: int) -> None:
+        lower_thread_priority()
+        work(k)
+
+    pool = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
     started = time.perf_counter()
     for t in pool:
         t.start()
@@ -124,33 +140,49 @@ def _ids(chunk: int, chunks: int, tag: bytes) -> list[ObjectId]:
     return [ObjectId(tag + n.to_bytes(8, "big"), "bench", chunk) for n in range(chunks)]
 
 
-async def tier_write(tier: DiskTier, ids: list[ObjectId], batch: int) -> float:
-    bufs = [_aligned(ids[0].nbytes) for _ in range(batch)]
+async def _callers(
+    tier: DiskTier, ids: list[ObjectId], batch: int, callers: int, read: bool
+) -> float:
+    """GB/s of `callers` concurrent loops of put (or get_into) of `batch`
+    chunks each, over `ids`."""
+    size = ids[0].nbytes
+    bufs = [
+        [_aligned(size) if not read else mmap.mmap(-1, size) for _ in range(batch)]
+        for _ in range(callers)
+    ]
+    starts = iter(range(0, len(ids), batch))
+
+    async def caller(c: int) -> None:
+        for k in starts:
+            items = list(zip(ids[k : k + batch], bufs[c], strict=False))
+            ok = await (tier.get_into(items) if read else tier.put(items))
+            if not all(ok):
+                raise RuntimeError(f"tier {'read' if read else 'write'} failed")
+
     started = time.perf_counter()
-    for k in range(0, len(ids), batch):
-        part = ids[k : k + batch]
-        ok = await tier.put(list(zip(part, bufs, strict=False)))
-        if not all(ok):
-            raise RuntimeError(f"tier write failed: {tier.usage()}")
-    return ids[0].nbytes * len(ids) / (time.perf_counter() - started) / 1e9
+    async with trio.open_nursery() as nursery:
+        for c in range(callers):
+            nursery.start_soon(caller, c)
+    return size * len(ids) / (time.perf_counter() - started) / 1e9
 
 
-async def tier_read(tier: DiskTier, ids: list[ObjectId], batch: int) -> float:
-    bufs = [memoryview(mmap.mmap(-1, ids[0].nbytes)) for _ in range(batch)]
-    started = time.perf_counter()
-    for k in range(0, len(ids), batch):
-        part = ids[k : k + batch]
-        ok = await tier.get_into(list(zip(part, bufs, strict=False)))
-        if not all(ok):
-            raise RuntimeError(f"tier read failed: {tier.usage()}")
-    return ids[0].nbytes * len(ids) / (time.perf_counter() - started) / 1e9
+async def tier_write(
+    tier: DiskTier, ids: list[ObjectId], batch: int, callers: int = DEMOTION_WRITERS
+) -> float:
+    return await _callers(tier, ids, batch, callers, read=False)
+
+
+async def tier_read(
+    tier: DiskTier, ids: list[ObjectId], batch: int, callers: int = DEMOTION_WRITERS
+) -> float:
+    return await _callers(tier, ids, batch, callers, read=True)
 
 
 def throughput(
     root: Path, chunk: int, total: int, threads: int, rounds: int
 ) -> Throughput:
     chunks = max(threads * 2, total // chunk)
-    batch = 2 * threads
+    batch = threads
     base_dir = root / "baseline"
     tier_dir = root / f"tier-{chunk}"
     results: dict[str, list[float]] = {"bw": [], "br": [], "tw": [], "tr": []}
@@ -184,6 +216,7 @@ _RESTART = """
 import sys, time
 started = time.perf_counter()
 import trio
+from lmcd.tiering import DEMOTION_WRITERS
 from lmcd_backends.disk import DiskTier
 from lmcd_backends.protocol import ObjectId
 root, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -266,8 +299,11 @@ def report(tp: list[Throughput], rs: Restart, threads: int, rounds: int) -> str:
     ok_tp = all(t.write_ratio >= 0.8 and t.read_ratio >= 0.8 for t in tp)
     lines += [
         "",
-        f"{threads} threads for both; median of {rounds} rounds; goal >= 80% of "
-        f"the baseline: {'met' if ok_tp else '**not met**'}.",
+        f"{threads} threads for both ({threads} I/Os in flight, nice "
+        f"+{WORKER_NICE}); the tier fed by "
+        f"{DEMOTION_WRITERS} callers of {threads} chunks each, as the daemon's "
+        f"demotion does; median of {rounds} rounds; goal >= 80% of the "
+        f"baseline: {'met' if ok_tp else '**not met**'}.",
         "",
         f"Restart with {rs.chunks:,} chunks of {rs.chunk_bytes // 1024} KiB "
         "(" + ("page cache dropped first" if rs.cold else "warm page cache") + "):",

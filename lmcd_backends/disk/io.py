@@ -14,8 +14,10 @@ import contextlib
 import ctypes
 import enum
 import errno
+import itertools
 import mmap
 import os
+import re
 import threading
 from collections.abc import Iterable, Sequence
 
@@ -39,9 +41,12 @@ CHUNKS_DIR = "chunks"
 JOURNAL = "index.jnl"
 TEMP_SUFFIX = ".tmp"
 STREAM_BYTES = 4 << 20  # bounce size for unaligned direct I/O
-_HEX = frozenset("0123456789abcdef")
+_NAME = re.compile("[0-9a-f]{32}")
 NAME_LEN = 32
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+# Unique temporary names within this process (next() on a count is atomic
+# under the GIL); a previous process's are removed when the tier opens.
+_temp_serial = itertools.count()
 
 
 def subdir_names() -> list[str]:
@@ -53,7 +58,11 @@ def chunk_path(root: str, name: str) -> str:
 
 
 def is_chunk_name(name: str, subdir: str) -> bool:
-    return len(name) == NAME_LEN and name[:2] == subdir and set(name) <= _HEX
+    return (
+        len(name) == NAME_LEN
+        and name.startswith(subdir)
+        and _NAME.fullmatch(name) is not None
+    )
 
 
 def probe_direct(root: str) -> bool:
@@ -161,9 +170,9 @@ class Journal:
         self._lock = threading.Lock()
         self._fd: int | None = None
 
-    def read(self) -> list[ObjectId] | None:
-        """The ids recorded (up to a torn tail); None if there is no
-        journal of this version."""
+    def read(self) -> tuple[list[ObjectId], int] | None:
+        """The ids recorded (up to a torn tail) and the offset where the
+        valid records end; None if there is no journal of this version."""
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
@@ -171,8 +180,24 @@ class Journal:
             return None
         if not check_journal_header(data):
             return None
-        ids, _end = decode_records(data, len(encode_journal_header()))
-        return ids
+        return decode_records(data, len(encode_journal_header()))
+
+    def reopen(self, end: int, records: int) -> None:
+        """Append to the journal as it is, after its last valid record at
+        `end` (a torn tail is cut off first): the cheap alternative to
+        `rewrite` when every record still names a chunk."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            if os.fstat(fd).st_size != end:
+                os.ftruncate(fd, end)
+        except BaseException:
+            os.close(fd)
+            raise
+        with self._lock:
+            old, self._fd = self._fd, fd
+            self.records = records
+        if old is not None:
+            os.close(old)
 
     def rewrite(self, ids: Iterable[ObjectId]) -> None:
         """Replace the journal with one record per id (temporary, rename)."""
@@ -234,7 +259,7 @@ def write_chunk(
     crc = crc32c(payload)
     header = encode_header(oid, crc)
     final = chunk_path(opts.root, name)
-    temp = f"{final}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
+    temp = f"{final}.{os.getpid()}-{next(_temp_serial)}{TEMP_SUFFIX}"
     flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
     fd = os.open(temp, flags | (_O_DIRECT if opts.direct else 0), 0o644)
     try:

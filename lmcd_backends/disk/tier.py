@@ -18,11 +18,14 @@ import errno
 import fcntl
 import logging
 import os
+import queue
+import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
 
 import attrs
+import outcome
 import trio
 
 from lmcd.errors import TierError
@@ -40,6 +43,11 @@ DEFAULT_MIN_FREE_BYTES = 256 << 20
 JOURNAL_SLACK = 4096
 HEADER_READERS = 16  # threads reading headers of unjournaled files at open
 LOG_INTERVAL = 10.0  # seconds between two warnings of one kind
+# Worker threads run at this nice value above the daemon's: on a busy
+# machine the Trio thread (LOOKUPs, the request path) gets the CPU first.
+WORKER_NICE = 5
+
+T = TypeVar("T")
 
 
 class _RateLimitedLog:
@@ -59,6 +67,128 @@ class _RateLimitedLog:
         self._last[kind] = now
         suffix = f" ({skipped} more since the last such warning)" if skipped else ""
         log.warning(msg + suffix, *args)
+
+
+def lower_thread_priority(by: int | None = None) -> None:
+    """Raise the calling thread's nice value by `by` (`WORKER_NICE` by
+    default); Linux only (a thread's TID works as a "process" for
+    setpriority), silently nothing elsewhere or when refused."""
+    with contextlib.suppress(OSError, AttributeError):
+        tid = threading.get_native_id()
+        now = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, now + (WORKER_NICE if by is None else by))
+
+
+class _Batch:
+    """Calls queued together for `_Workers`: the Trio thread is woken once,
+    when the last of them ends."""
+
+    __slots__ = ("cancelled", "done", "left", "lock", "token")
+
+    def __init__(self, count: int, token: trio.lowlevel.TrioToken) -> None:
+        self.token = token
+        self.done = trio.Event()
+        self.left = count
+        self.lock = threading.Lock()
+        self.cancelled = False  # set by the Trio thread: skip what has not started
+
+
+class _Job:
+    """One blocking call of a `_Batch`."""
+
+    __slots__ = ("args", "batch", "fn", "result")
+
+    def __init__(self, batch: _Batch, fn: Callable[..., Any], args: tuple[Any, ...]):
+        self.batch = batch
+        self.fn = fn
+        self.args = args
+        self.result: outcome.Outcome[Any] | None = None
+
+    def run(self) -> None:  # in a worker thread
+        batch = self.batch
+        if not batch.cancelled:
+            self.result = outcome.capture(self.fn, *self.args)
+        with batch.lock:
+            batch.left -= 1
+            last = batch.left == 0
+        if last:
+            with contextlib.suppress(trio.RunFinishedError):
+                batch.token.run_sync_soon(batch.done.set)
+
+
+class _Workers:
+    """`threads` long-lived threads that take blocking calls from one queue.
+
+    Unlike a thread per call (`trio.to_thread`), a thread that finishes a
+    call takes the next queued one at once, without a round trip through
+    the Trio thread, and a batch of calls wakes the Trio thread once: with
+    more calls queued than threads, the disk never waits for the event
+    loop, and the event loop (the request path) spends little on the disk.
+    Threads start on first use, run at `WORKER_NICE`, and end at `stop()`.
+    """
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._count = threads
+        self._name = name
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in a worker thread (see `run_all`)."""
+        (result,) = await self.run_all([(fn, args)])
+        assert result is not None
+        return cast("T", result.unwrap())
+
+    async def run_all(
+        self, calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]
+    ) -> list[outcome.Outcome[Any]]:
+        """Each `fn(*args)` in worker threads, at most `threads` at once;
+        their outcomes once all have ended.
+
+        Cancelled, calls that no thread has taken yet never run, the
+        running ones are waited for (a thread never outlives the call that
+        lent it buffers), and `trio.Cancelled` is raised with
+        `.outcomes` (None for a call that never ran) attached, so that the
+        caller can account for what did happen before it re-raises.
+        """
+        if not calls:
+            return []
+        if not self._threads:
+            self._start()
+        batch = _Batch(len(calls), trio.lowlevel.current_trio_token())
+        jobs = [_Job(batch, fn, args) for fn, args in calls]
+        for job in jobs:
+            self._queue.put(job)
+        try:
+            await batch.done.wait()
+        except trio.Cancelled as cancelled:
+            batch.cancelled = True
+            with trio.CancelScope(shield=True):
+                await batch.done.wait()
+            cancelled.outcomes = [job.result for job in jobs]  # type: ignore[attr-defined]
+            raise
+        return [job.result for job in jobs if job.result is not None]
+
+    def _start(self) -> None:
+        for k in range(self._count):
+            thread = threading.Thread(
+                target=self._work, name=f"{self._name}-{k}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def _work(self) -> None:
+        lower_thread_priority()
+        while (job := self._queue.get()) is not None:
+            job.run()
+
+    def stop(self) -> list[threading.Thread]:
+        """Let every thread end once the queue is empty; returns them (to
+        join, off the Trio thread)."""
+        threads, self._threads = self._threads, []
+        for _ in threads:
+            self._queue.put(None)
+        return threads
 
 
 @attrs.define(slots=True)
@@ -106,7 +236,9 @@ def _view(buf: Any, oid: ObjectId, writable: bool) -> memoryview:
     return view
 
 
-@attrs.define(slots=True, eq=False)
+# No on_setattr hooks: the converter of `path` runs at construction only,
+# and the counters below change per chunk on the Trio thread.
+@attrs.define(slots=True, eq=False, on_setattr=attrs.setters.NO_OP)
 class DiskTier:
     """A bounded, persistent, verified chunk store in one directory;
     implements `lmcd_backends.protocol.CopyTier`.
@@ -154,7 +286,7 @@ class DiskTier:
     _use_direct: bool = attrs.field(default=False, init=False)
     _journal: io.Journal | None = attrs.field(default=None, init=False)
     _lock_fd: int = attrs.field(default=-1, init=False)
-    _limiter: trio.CapacityLimiter = attrs.field(init=False)
+    _workers: _Workers = attrs.field(init=False)
     _bounce: io.Bounce = attrs.field(factory=io.Bounce, init=False)
     _busy: int = attrs.field(default=0, init=False)  # calls in progress
     _idle: trio.Event | None = attrs.field(default=None, init=False)
@@ -176,7 +308,7 @@ class DiskTier:
             raise ValueError("capacity_bytes must be positive")
         if self.threads < 1:
             raise ValueError("threads must be at least 1")
-        self._limiter = trio.CapacityLimiter(self.threads)
+        self._workers = _Workers(self.threads, f"lmcd-{self.name}")
 
     # -- what the storage manager reads without I/O ---------------------------
 
@@ -239,7 +371,8 @@ class DiskTier:
                     self._warn.warning("id", "Disk tier cannot store %r: %s", oid, e)
                     continue
                 name = oid.name()
-                if self._held(oid):
+                entry = self._index.get(name)
+                if entry is not None and entry.oid == oid:
                     results[i] = True
                     continue
                 if name in self._writing or name in self._unlinking_names:
@@ -254,48 +387,50 @@ class DiskTier:
                 self._reserved += size
                 self._queued += 1
                 plan.append((i, name, oid, view, write))
+            assert self._journal is not None
+            opts = io.WriteOptions(self.path, self._use_direct, self.fsync)
+            journal, bounce = self._journal, self._bounce
+            calls = [
+                (io.write_chunk, (opts, journal, name, oid, view, bounce))
+                for _, name, oid, view, _ in plan
+            ]
             try:
-                async with trio.open_nursery() as nursery:
-                    for step in plan:
-                        nursery.start_soon(self._put_one, step, results)
+                outcomes: list[outcome.Outcome[Any] | None]
+                try:
+                    outcomes = list(await self._workers.run_all(calls))
+                except trio.Cancelled as e:
+                    outcomes = getattr(e, "outcomes", [None] * len(plan))
+                    self._wrote(plan, outcomes, results)
+                    raise
+                self._wrote(plan, outcomes, results)
             finally:
-                # Only steps cancelled before their task ran are left here.
                 for _, name, _, _, write in plan:
                     self._finish_write(name, write)
             await self._maybe_compact()
             return results
 
-    async def _put_one(
+    def _wrote(
         self,
-        step: tuple[int, str, ObjectId, memoryview, _Write],
+        plan: list[tuple[int, str, ObjectId, memoryview, _Write]],
+        outcomes: Sequence[outcome.Outcome[Any] | None],
         results: list[bool],
     ) -> None:
-        i, name, oid, view, write = step
-        assert self._journal is not None
-        opts = io.WriteOptions(self.path, self._use_direct, self.fsync)
-        try:
-            await trio.to_thread.run_sync(
-                io.write_chunk,
-                opts,
-                self._journal,
-                name,
-                oid,
-                view,
-                self._bounce,
-                limiter=self._limiter,
-            )
-        except OSError as e:
-            self._write_failures += 1
-            self._warn.warning("write", "Disk tier write failed: %s", e)
-            return
-        finally:
-            self._finish_write(name, write)
-        # No checkpoint since the thread returned: the index and the file agree.
-        self._index[name] = _Entry(oid, write.size)
-        self._used += write.size
-        self._writes += 1
-        self._written_bytes += oid.nbytes
-        results[i] = True
+        """Index the chunks whose write succeeded (no checkpoint since the
+        threads ended: the index and the files agree)."""
+        for (i, name, oid, _, write), done in zip(plan, outcomes, strict=True):
+            if done is None:
+                continue  # never started
+            if isinstance(done, outcome.Error):
+                if not isinstance(done.error, OSError):
+                    done.unwrap()  # a bug: let it out
+                self._write_failures += 1
+                self._warn.warning("write", "Disk tier write failed: %s", done.error)
+                continue
+            self._index[name] = _Entry(oid, write.size)
+            self._used += write.size
+            self._writes += 1
+            self._written_bytes += oid.nbytes
+            results[i] = True
 
     def _finish_write(self, name: str, write: _Write) -> None:
         if self._writing.get(name) is write:
@@ -322,36 +457,44 @@ class DiskTier:
                 if entry is not None and entry.oid == oid:
                     plan.append((i, name, entry, view))
             self._queued += len(plan)
-            started = [0]
+            calls = [
+                (
+                    io.read_chunk,
+                    (self.path, self._use_direct, name, e.oid, view, self._bounce),
+                )
+                for _, name, e, view in plan
+            ]
             try:
-                async with trio.open_nursery() as nursery:
-                    for step in plan:
-                        nursery.start_soon(self._get_one, step, results, started)
+                outcomes: list[outcome.Outcome[Any] | None]
+                try:
+                    outcomes = list(await self._workers.run_all(calls))
+                except trio.Cancelled as exc:
+                    outcomes = getattr(exc, "outcomes", [None] * len(plan))
+                    self._read(plan, outcomes, results)
+                    raise
+                self._read(plan, outcomes, results)
             finally:
-                self._queued -= len(plan) - started[0]
+                self._queued -= len(plan)
             return results
 
-    async def _get_one(
+    def _read(
         self,
-        step: tuple[int, str, _Entry, memoryview],
+        plan: list[tuple[int, str, _Entry, memoryview]],
+        outcomes: Sequence[outcome.Outcome[Any] | None],
         results: list[bool],
-        started: list[int],
     ) -> None:
-        i, name, entry, view = step
-        started[0] += 1
-        try:
-            result = await trio.to_thread.run_sync(
-                io.read_chunk,
-                self.path,
-                self._use_direct,
-                name,
-                entry.oid,
-                view,
-                self._bounce,
-                limiter=self._limiter,
-            )
-        finally:
-            self._queued -= 1
+        for (i, name, entry, _), done in zip(plan, outcomes, strict=True):
+            if done is not None:
+                self._read_one(i, name, entry, done.unwrap(), results)
+
+    def _read_one(
+        self,
+        i: int,
+        name: str,
+        entry: _Entry,
+        result: io.ReadResult,
+        results: list[bool],
+    ) -> None:
         if result.outcome is io.ReadOutcome.OK:
             self._reads += 1
             self._read_bytes += entry.oid.nbytes
@@ -400,7 +543,7 @@ class DiskTier:
             self._unlinking += freed
             self._unlinking_names.update(names)
             try:
-                await trio.to_thread.run_sync(_remove_all, paths, limiter=self._limiter)
+                await self._workers.run(_remove_all, paths)
             finally:
                 self._unlinking -= freed
                 self._unlinking_names.difference_update(names)
@@ -433,12 +576,14 @@ class DiskTier:
             self._idle = trio.Event()
             await self._idle.wait()
         if not was_open or self._journal is None:
+            self._workers.stop()
             return
         journal, self._journal = self._journal, None
         lock_fd, self._lock_fd = self._lock_fd, -1
         ids = [e.oid for e in self._index.values()]
+        threads = self._workers.stop()
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(_close, journal, ids, lock_fd)
+            await trio.to_thread.run_sync(_close, journal, ids, lock_fd, threads)
 
     # -- internals ---------------------------------------------------------------
 
@@ -530,7 +675,7 @@ class DiskTier:
         ids = [e.oid for e in self._index.values()]
         ids += [w.oid for w in self._writing.values()]
         try:
-            await trio.to_thread.run_sync(journal.rewrite, ids, limiter=self._limiter)
+            await self._workers.run(journal.rewrite, ids)
         except OSError as e:
             self._warn.warning("journal", "Disk tier journal compaction failed: %s", e)
         finally:
@@ -542,7 +687,14 @@ def _remove_all(paths: list[str]) -> None:
         io.remove(path)
 
 
-def _close(journal: io.Journal, ids: list[ObjectId], lock_fd: int) -> None:
+def _close(
+    journal: io.Journal,
+    ids: list[ObjectId],
+    lock_fd: int,
+    threads: list[threading.Thread],
+) -> None:
+    for thread in threads:
+        thread.join()
     try:
         journal.rewrite(ids)
     except OSError as e:
@@ -595,17 +747,28 @@ def _recover(
     if direct and not use_direct:
         raise TierError(f"{path} does not support direct I/O")
     journal = io.Journal(path, fsync)
-    recorded = journal.read() or []
+    found_journal = journal.read()
+    recorded, journal_end = found_journal or ([], 0)
     listing = io.list_chunks(path)
     for temp in listing.temporaries + io.root_temporaries(path):
         io.remove(temp)
     index: dict[str, _Entry] = {}
+    sizes: dict[tuple[str, int, int], int] = {}  # file_size by shape
     for oid in recorded:
         name = oid.name()
         if name in listing.names:
+            shape = (oid.layout, len(oid.key), oid.nbytes)
+            size = sizes.get(shape)
+            if size is None:
+                try:
+                    size = sizes[shape] = file_size(oid)
+                except FormatError:
+                    continue  # a record no tier of this format writes
             # The latest record decides the order (oldest write first).
             index.pop(name, None)
-            index[name] = _Entry(oid, file_size(oid))
+            index[name] = _Entry(oid, size)
+    # Every record names a present chunk, once: the journal can be kept.
+    clean = found_journal is not None and len(index) == len(recorded)
     from_headers = removed = 0
     # Renamed in but not journaled (written just before a crash, or the
     # journal was lost): read their headers, in parallel (cold reads are
@@ -629,7 +792,10 @@ def _recover(
             len(listing.foreign),
             listing.foreign[0],
         )
-    journal.rewrite(e.oid for e in index.values())
+    if clean and not from_headers and not removed:
+        journal.reopen(journal_end, len(recorded))
+    else:
+        journal.rewrite(e.oid for e in index.values())
     return _Opened(
         direct=use_direct,
         index=index,

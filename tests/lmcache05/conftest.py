@@ -43,8 +43,10 @@ else:
     SHORT_LOCK_TTL = 1
 
     # Both kinds start in seconds; lmcd answers or fails the probe at once,
-    # so an lmcd without the dialect costs each module one short wait.
-    _ANSWER_TIMEOUT = 5.0
+    # so an lmcd without the dialect costs each module one wait. lmcd binds
+    # its port before torch is imported (1-2 s, more on a loaded machine)
+    # and answers once it is: the wait counts from the bind.
+    _ANSWER_TIMEOUT = 20.0
 
     def _start(
         kind: str, options: ServerOptions, factory: pytest.TempPathFactory
