@@ -75,7 +75,7 @@ class Rig:
     url: str
     context: Any
     model: str
-    layout: KVLayout = KVLayout()
+    layout: KVLayout = attrs.field(factory=KVLayout)
     opened: list[Any] = attrs.field(factory=list)
 
     worker_class: ClassVar[type[Worker]] = Worker
@@ -177,14 +177,23 @@ def store_lookup_retrieve(
     scheduler.end_session(load)
 
 
-def retrieve_skipping_first_chunk(rig: Rig, mode: str | None) -> None:
-    """A retrieve with `skip_first_n_tokens` of one chunk (blocks vLLM
-    already shares) writes only the second chunk's blocks."""
-    a = rig.worker(mode, seed=2)
+def stored_prompt(
+    rig: Rig, seed: int, mode: str | None = None
+) -> tuple[Worker, Scheduler, list[int]]:
+    """A worker that stored a new two-chunk prompt from blocks 1-4, and a
+    scheduler that sees it, holding no lock on it."""
+    a = rig.worker(mode, seed=seed)
     tokens = prompt(2 * CHUNK)
     assert a.store(rid("store"), tokens, [1, 2, 3, 4])
     scheduler = rig.scheduler()
     assert scheduler.wait_stored(tokens, 2 * CHUNK) == 2 * CHUNK
+    return a, scheduler, tokens
+
+
+def retrieve_skipping_first_chunk(rig: Rig, mode: str | None) -> None:
+    """A retrieve with `skip_first_n_tokens` of one chunk (blocks vLLM
+    already shares) writes only the second chunk's blocks."""
+    a, scheduler, tokens = stored_prompt(rig, 2, mode)
     load = rid("load")
     assert scheduler.lookup(load, tokens) == 2 * CHUNK
     b = rig.worker(mode)

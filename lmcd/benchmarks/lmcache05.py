@@ -314,6 +314,28 @@ def probe_chunk_size(url: str, timeout: float) -> Any:
         ctx.term()
 
 
+def key_fields(
+    model: str,
+    tokens: Sequence[int],
+    request_id: str,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    worker_id: int | None = 0,
+) -> dict[str, Any]:
+    """The fields every lmcache release's request key has (0.5.6's
+    `IPCCacheServerKey`, 0.4's `IPCCacheEngineKey`); `end` None: the
+    prompt's end, `worker_id` None: the scheduler's form."""
+    return {
+        "model_name": model,
+        "worker_id": worker_id,
+        "token_ids": tuple(tokens),
+        "start": start,
+        "end": len(tokens) if end is None else end,
+        "request_id": request_id,
+    }
+
+
 def server_key(
     model: str,
     tokens: Sequence[int],
@@ -327,17 +349,15 @@ def server_key(
     non-MLA adapter builds it (`worker_id` None: the scheduler's form)."""
     from lmcache.v1.multiprocess.custom_types import IPCCacheServerKey
 
+    fields = key_fields(
+        model, tokens, request_id, start=start, end=end, worker_id=worker_id
+    )
     return IPCCacheServerKey(
         num_kv_readers=1,
-        model_name=model,
         world_size=1,
-        worker_id=worker_id,
-        token_ids=tuple(tokens),
-        start=start,
-        end=len(tokens) if end is None else end,
-        request_id=request_id,
         cache_salt="",
         request_configs=None,
+        **fields,
     )
 
 

@@ -180,15 +180,10 @@ def key(
     """An lmcache 0.4 `IPCCacheEngineKey`."""
     from lmcache.v1.multiprocess.custom_types import IPCCacheEngineKey
 
-    return IPCCacheEngineKey(
-        model_name=model,
-        world_size=world_size,
-        worker_id=worker_id,
-        token_ids=tuple(tokens),
-        start=start,
-        end=len(tokens) if end is None else end,
-        request_id=request_id,
+    fields = rig05.key_fields(
+        model, tokens, request_id, start=start, end=end, worker_id=worker_id
     )
+    return IPCCacheEngineKey(world_size=world_size, **fields)
 
 
 def _stop_heartbeat(adapter: Any) -> None:
