@@ -336,28 +336,18 @@ def key_fields(
     }
 
 
-def server_key(
-    model: str,
-    tokens: Sequence[int],
-    request_id: str,
-    *,
-    start: int = 0,
-    end: int | None = None,
-    worker_id: int | None = 0,
-) -> Any:
+def server_key(model: str, tokens: Sequence[int], request_id: str, **where: Any) -> Any:
     """An lmcache 0.5.6 key (`IPCCacheServerKey`), as a single-rank,
-    non-MLA adapter builds it (`worker_id` None: the scheduler's form)."""
+    non-MLA adapter builds it; `where`: `start`, `end`, `worker_id` as
+    `key_fields` takes them (`worker_id=None`: the scheduler's form)."""
     from lmcache.v1.multiprocess.custom_types import IPCCacheServerKey
 
-    fields = key_fields(
-        model, tokens, request_id, start=start, end=end, worker_id=worker_id
-    )
     return IPCCacheServerKey(
         num_kv_readers=1,
         world_size=1,
         cache_salt="",
         request_configs=None,
-        **fields,
+        **key_fields(model, tokens, request_id, **where),
     )
 
 

@@ -172,17 +172,14 @@ def key(
     tokens: Sequence[int],
     request_id: str,
     *,
-    start: int = 0,
-    end: int | None = None,
-    worker_id: int | None = 0,
     world_size: int = 1,
+    **where: Any,
 ) -> Any:
-    """An lmcache 0.4 `IPCCacheEngineKey`."""
+    """An lmcache 0.4 `IPCCacheEngineKey`; `where`: `start`, `end`,
+    `worker_id` as `key_fields` takes them."""
     from lmcache.v1.multiprocess.custom_types import IPCCacheEngineKey
 
-    fields = rig05.key_fields(
-        model, tokens, request_id, start=start, end=end, worker_id=worker_id
-    )
+    fields = rig05.key_fields(model, tokens, request_id, **where)
     return IPCCacheEngineKey(world_size=world_size, **fields)
 
 
