@@ -10,15 +10,21 @@ server copies between the worker's shared-memory KV cache and its own
 buffer) or engine-driven (the worker copies through the server's
 shared-memory pool).
 
-The same module is the rig of `tests/lmcache05`: `running_server` starts
-either server on a loopback port, `KVLayout` builds CPU KV caches shaped as
-vLLM's, and `Worker` / `Scheduler` wrap the real adapters in blocking calls
-with timeouts.
+The same module is the rig of `tests/lmcache05` and, through
+`tests/lmcache04/rig.py`, of `tests/lmcache04`: `start_server` starts either
+server on a loopback port (the readiness probe and the command line are
+parameters, so that lmcache 0.4's rig reuses them), `KVLayout` builds CPU KV
+caches shaped as vLLM's, and `Worker` / `Scheduler` wrap the real adapters
+in blocking calls with timeouts. They are written for 0.5.6; what lmcache
+0.4's adapters take differently sits in named hooks (`Worker._register`,
+`Worker._block_ids`, `Worker._event`, `adapter_config`,
+`Scheduler._adapter`, ...) that `tests/lmcache04/rig.py` overrides.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import multiprocessing as mp
 import os
@@ -29,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -161,16 +167,40 @@ class ServerProcess:
         return code
 
 
+def launch(
+    args: list[str], log_path: Path, *, append: bool = False
+) -> subprocess.Popen[bytes]:
+    """Run a server's command line with telemetry off, its output to
+    `log_path` (appended to with `append`); returns the `Popen`."""
+    with log_path.open("ab" if append else "wb") as log:
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **NO_TELEMETRY, "PYTHONUNBUFFERED": "1"},
+        )
+
+
+# Asks a server URL for its chunk size within a timeout (s); raises
+# `TimeoutError` without an answer.
+Probe = Callable[[str, float], Any]
+Command = Callable[[str, int, ServerOptions, str], list[str]]
+
+
 def start_server(
     kind: str,
     options: ServerOptions,
     log_dir: Path,
     *,
-    answer_timeout: float = 10.0,
+    answer_timeout: float = 20.0,
     start_timeout: float = 60.0,
+    command: Command | None = None,
+    probe: Probe | None = None,
 ) -> ServerProcess:
-    """Start a server and return once it answers lmcache 0.5's
-    `get_chunk_size` with `options.chunk_size`.
+    """Start a server and return once it answers `probe` (default: lmcache
+    0.5's `get_chunk_size`) with `options.chunk_size`. `command` builds its
+    command line (default: `server_command`).
 
     Raises `LmcdError` (with the server's log) if it exits, does not listen
     within `start_timeout` s, or does not answer within `answer_timeout` s
@@ -179,43 +209,45 @@ def start_server(
     port = free_port()
     shm_name = f"lmcache_l1_pool_lmcd_t{os.getpid()}_{port}"
     log_path = log_dir / f"{kind}-{port}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            server_command(kind, port, options, shm_name),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **NO_TELEMETRY, "PYTHONUNBUFFERED": "1"},
-        )
+    args = (command or server_command)(kind, port, options, shm_name)
+    proc = launch(args, log_path)
     server = ServerProcess(kind, port, proc, log_path, shm_name)
     try:
-        _wait_listening(server, start_timeout)
-        _check_answers(server, options, answer_timeout)
+        wait_ready(server, options, probe, start_timeout, answer_timeout)
     except BaseException:
         server.stop()
         raise
     return server
 
 
-def _check_answers(
-    server: ServerProcess, options: ServerOptions, timeout: float
+def wait_ready(
+    server: ServerProcess,
+    options: ServerOptions,
+    probe: Probe | None = None,
+    start_timeout: float = 60.0,
+    answer_timeout: float = 20.0,
 ) -> None:
+    """Wait until `server` listens (up to `start_timeout` s), then until it
+    answers `probe` (default: `probe_chunk_size`) with the chunk size (up
+    to `answer_timeout` s); `LmcdError` with its log otherwise."""
+    wait_listening(server, start_timeout)
     try:
-        chunk_size = probe_chunk_size(server.url, timeout)
+        chunk_size = (probe or probe_chunk_size)(server.url, answer_timeout)
     except TimeoutError:
         raise LmcdError(
-            f"{server.kind} does not answer lmcache 0.5's get_chunk_size "
-            f"within {timeout} s; its log:\n{server.log_tail()}"
+            f"{server.kind} does not answer get_chunk_size within "
+            f"{answer_timeout} s; its log:\n{server.log_tail()}"
         ) from None
     if type(chunk_size) is not int or chunk_size != options.chunk_size:
         raise LmcdError(
-            f"{server.kind} answered lmcache 0.5's get_chunk_size with "
-            f"{chunk_size!r}, not {options.chunk_size}; its log:\n"
-            f"{server.log_tail()}"
+            f"{server.kind} answered get_chunk_size with {chunk_size!r}, not "
+            f"{options.chunk_size}; its log:\n{server.log_tail()}"
         )
 
 
-def _wait_listening(server: ServerProcess, timeout: float) -> None:
+def wait_listening(server: ServerProcess, timeout: float) -> None:
+    """Wait until `server` accepts connections; `LmcdError` with its log if
+    it exits first or `timeout` s pass."""
     deadline = time.monotonic() + timeout
     while True:
         code = server.proc.poll()
@@ -238,7 +270,7 @@ def _wait_listening(server: ServerProcess, timeout: float) -> None:
 
 @contextmanager
 def running_server(
-    kind: str, options: ServerOptions, log_dir: Path, **kwargs: float
+    kind: str, options: ServerOptions, log_dir: Path, **kwargs: Any
 ) -> Iterator[ServerProcess]:
     """`start_server`, stopped on exit."""
     server = start_server(kind, options, log_dir, **kwargs)
@@ -282,7 +314,7 @@ def probe_chunk_size(url: str, timeout: float) -> Any:
         ctx.term()
 
 
-def server_key(
+def key_fields(
     model: str,
     tokens: Sequence[int],
     request_id: str,
@@ -290,46 +322,85 @@ def server_key(
     start: int = 0,
     end: int | None = None,
     worker_id: int | None = 0,
-) -> Any:
+) -> dict[str, Any]:
+    """The fields every lmcache release's request key has (0.5.6's
+    `IPCCacheServerKey`, 0.4's `IPCCacheEngineKey`); `end` None: the
+    prompt's end, `worker_id` None: the scheduler's form."""
+    return {
+        "model_name": model,
+        "worker_id": worker_id,
+        "token_ids": tuple(tokens),
+        "start": start,
+        "end": len(tokens) if end is None else end,
+        "request_id": request_id,
+    }
+
+
+def server_key(model: str, tokens: Sequence[int], request_id: str, **where: Any) -> Any:
     """An lmcache 0.5.6 key (`IPCCacheServerKey`), as a single-rank,
-    non-MLA adapter builds it (`worker_id` None: the scheduler's form)."""
+    non-MLA adapter builds it; `where`: `start`, `end`, `worker_id` as
+    `key_fields` takes them (`worker_id=None`: the scheduler's form)."""
     from lmcache.v1.multiprocess.custom_types import IPCCacheServerKey
 
     return IPCCacheServerKey(
         num_kv_readers=1,
-        model_name=model,
         world_size=1,
-        worker_id=worker_id,
-        token_ids=tuple(tokens),
-        start=start,
-        end=len(tokens) if end is None else end,
-        request_id=request_id,
         cache_salt="",
         request_configs=None,
+        **key_fields(model, tokens, request_id, **where),
     )
 
 
 def single_rank() -> Any:
-    """The `ParallelStrategy` of one non-MLA worker (TP 1, PP 1, one server)."""
+    """The `ParallelStrategy` of one non-MLA worker (TP 1, PP 1, one server).
+
+    Its fields differ per release (0.5.6: `mla_only` and `n_servers`; 0.4.7:
+    the kv/actual world sizes; 0.4.6: `use_mla`); each named here gets the
+    value of a single rank, the others keep their defaults (0.5.6's
+    decode-context-parallel size: 1), and a required field named here for
+    no release fails in the constructor."""
     from lmcache.integration.vllm.vllm_multi_process_adapter import (
         ParallelStrategy,
     )
 
-    return ParallelStrategy(
-        mla_only=False,
-        vllm_world_size=1,
-        vllm_worker_id=0,
-        tp_size=1,
-        pp_size=1,
-        n_servers=1,
-    )
+    values = {
+        "mla_only": False,
+        "use_mla": False,
+        "n_servers": 1,
+        "kv_world_size": 1,
+        "kv_worker_id": 0,
+        "actual_world_size": 1,
+        "actual_worker_id": 0,
+        "vllm_world_size": 1,
+        "vllm_worker_id": 0,
+        "tp_size": 1,
+        "pp_size": 1,
+    }
+    names = [f.name for f in dataclasses.fields(ParallelStrategy)]
+    return ParallelStrategy(**{n: values[n] for n in names if n in values})
+
+
+def adapter_config(
+    timeout: float, heartbeat: float | None, mode: str | None
+) -> dict[str, Any]:
+    """An adapter's `extra_config`: `timeout` as its mq_timeout, `heartbeat`
+    as its heartbeat interval and `mode` as its transfer mode (None: lmcache's
+    default for either)."""
+    config: dict[str, Any] = {"lmcache.mp.mq_timeout": timeout}
+    if heartbeat is not None:
+        config["lmcache.mp.heartbeat_interval"] = heartbeat
+    if mode is not None:
+        config["lmcache.mp.mp_transfer_mode"] = mode
+    return config
 
 
 @attrs.frozen
 class KVLayout:
-    """A worker's CPU KV cache as vLLM lays it out (NHD): one tensor per
-    layer, `[2, num_blocks, block_size, num_heads, head_dim]`. Block 0 is
-    vLLM's null block."""
+    """A worker's CPU KV cache as vLLM lays it out: one tensor per layer,
+    `[2, num_blocks, block_size, num_heads, head_dim]` (`order` "NHD", as
+    lmcache 0.5.6 is told) or `[2, num_blocks, num_heads, block_size,
+    head_dim]` ("HND", as lmcache 0.4 reads a CPU cache). Block 0 is vLLM's
+    null block."""
 
     num_layers: int = 2
     num_blocks: int = 16
@@ -337,10 +408,17 @@ class KVLayout:
     num_heads: int = 2
     head_dim: int = 8
     dtype: torch.dtype = torch.bfloat16
+    order: str = attrs.field(
+        default="NHD", validator=attrs.validators.in_(("NHD", "HND"))
+    )
 
     def make(self, seed: int | None = None) -> dict[str, torch.Tensor]:
         """The per-layer tensors: zeros, or random values from `seed`."""
-        shape = (2, self.num_blocks, self.block_size, self.num_heads, self.head_dim)
+        if self.order == "NHD":
+            inner = (self.block_size, self.num_heads)
+        else:
+            inner = (self.num_heads, self.block_size)
+        shape = (2, self.num_blocks, *inner, self.head_dim)
         gen = None if seed is None else torch.Generator().manual_seed(seed)
         kv = {}
         for i in range(self.num_layers):
@@ -416,7 +494,9 @@ def _wait(future: Any, timeout: float, what: str) -> Any:
 @attrs.define
 class Worker:
     """lmcache 0.5.6's `LMCacheMPWorkerAdapter` with a registered CPU KV
-    cache; store and retrieve wait for the server's answer."""
+    cache; store and retrieve wait for the server's answer. The class
+    methods named with an underscore are what another release's adapter
+    takes differently (`tests/lmcache04/rig.py`)."""
 
     adapter: Any
     kv: dict[str, torch.Tensor]
@@ -432,53 +512,79 @@ class Worker:
         *,
         model: str,
         layout: KVLayout,
-        mode: str,
+        mode: str | None,
         seed: int | None = None,
         timeout: float = 10.0,
+        heartbeat: float | None = None,
     ) -> Worker:
         """Construct the adapter and register its KV cache, as vLLM's
         worker does at start-up; `startup_s` is how long that took.
 
         `timeout` is the adapter's `mq_timeout`: a request the server does
         not answer costs that long (at start-up, `get_experimental` too).
+        `mode` and `heartbeat`: see `adapter_config`.
         """
-        from lmcache.integration.vllm.vllm_multi_process_adapter import (
-            LMCacheMPWorkerAdapter,
-        )
-
         kv = layout.make(seed)
         t0 = time.perf_counter()
-        adapter = LMCacheMPWorkerAdapter(
-            url,
-            context,
-            model,
-            layout.block_size,
-            single_rank(),
-            extra_config={
-                "lmcache.mp.mq_timeout": timeout,
-                "lmcache.mp.mp_transfer_mode": mode,
-            },
+        adapter = cls._adapter(
+            url, context, model, layout, cls._config(timeout, heartbeat, mode)
         )
         try:
-            adapter.register_kv_caches(
-                kv, layout.engine_group_infos(), {"kv_layout": "NHD"}
-            )
+            cls._register(adapter, kv, layout)
         except BaseException:
             adapter.shutdown()
             raise
         startup = time.perf_counter() - t0
         return cls(adapter, kv, layout, startup, timeout)
 
+    @classmethod
+    def _config(
+        cls, timeout: float, heartbeat: float | None, mode: str | None
+    ) -> dict[str, Any]:
+        return adapter_config(timeout, heartbeat, mode)
+
+    @classmethod
+    def _adapter(
+        cls, url: str, context: Any, model: str, layout: KVLayout, config: Any
+    ) -> Any:
+        from lmcache.integration.vllm.vllm_multi_process_adapter import (
+            LMCacheMPWorkerAdapter,
+        )
+
+        return LMCacheMPWorkerAdapter(
+            url, context, model, layout.block_size, single_rank(), extra_config=config
+        )
+
+    @classmethod
+    def _register(cls, adapter: Any, kv: Any, layout: KVLayout) -> None:
+        adapter.register_kv_caches(
+            kv, layout.engine_group_infos(), {"kv_layout": layout.order}
+        )
+
+    @classmethod
+    def _block_ids(cls, blocks: Sequence[int]) -> list[Any]:
+        """One list of block ids per KV cache group."""
+        return [list(blocks)]
+
+    def _event(self) -> Any:
+        return self.adapter.create_recorded_event()
+
     def _op(
-        self, tokens: Sequence[int], blocks: Sequence[int], start: int, end: int | None
+        self,
+        tokens: Sequence[int],
+        blocks: Sequence[int],
+        start: int,
+        end: int | None,
+        skip: int = 0,
     ) -> Any:
         from lmcache.integration.vllm.vllm_multi_process_adapter import LoadStoreOp
 
         return LoadStoreOp(
             token_ids=list(tokens),
-            block_ids=[list(blocks)],
+            block_ids=self._block_ids(blocks),
             start=start,
             end=len(tokens) if end is None else end,
+            skip_first_n_tokens=skip,
         )
 
     def submit_store(
@@ -491,11 +597,11 @@ class Worker:
         end: int | None = None,
     ) -> Any:
         """Store `[start, end)` of `tokens` (chunk-aligned) from `blocks`;
-        returns the adapter's future (its result: success)."""
-        event = self.adapter.create_recorded_event()
+        returns the adapter's future (its result: success), or None when the
+        adapter sent nothing (it holds the server for down)."""
         op = self._op(tokens, blocks, start, end)
-        self.adapter.submit_store_request(request_id, op, event)
-        return self.adapter.store_futures[request_id]
+        self.adapter.submit_store_request(request_id, op, self._event())
+        return self.adapter.store_futures.get(request_id)
 
     def submit_retrieve(
         self,
@@ -508,18 +614,17 @@ class Worker:
         skip_first_n_tokens: int = 0,
     ) -> Any:
         """Retrieve `[start, end)` of `tokens` into `blocks`; returns the
-        adapter's future (its result: success)."""
-        event = self.adapter.create_recorded_event()
-        op = self._op(tokens, blocks, start, end)
-        op.skip_first_n_tokens = skip_first_n_tokens
-        self.adapter.submit_retrieve_request(request_id, op, event)
-        return self.adapter.retrieve_futures[request_id][0]
+        adapter's future (its result: success), or None as `submit_store`."""
+        op = self._op(tokens, blocks, start, end, skip_first_n_tokens)
+        self.adapter.submit_retrieve_request(request_id, op, self._event())
+        entry = self.adapter.retrieve_futures.get(request_id)
+        return None if entry is None else entry[0]
 
     def finish(self, futures: dict[str, Any]) -> dict[str, bool]:
-        """Wait for every future (request id -> future) and let the adapter
-        collect them, as vLLM's `get_finished` does."""
+        """Wait for every future (request id -> future; None: a failure) and
+        let the adapter collect them, as vLLM's `get_finished` does."""
         results = {
-            rid: bool(_wait(f, self.timeout, f"request {rid}"))
+            rid: f is not None and bool(_wait(f, self.timeout, f"request {rid}"))
             for rid, f in futures.items()
         }
         self.adapter.get_finished(set(futures))
@@ -559,6 +664,11 @@ class Worker:
         )
         return self.finish({request_id: future})[request_id]
 
+    @property
+    def healthy(self) -> bool:
+        """Whether the adapter holds the server for up."""
+        return bool(self.adapter.is_healthy)
+
     def shutdown(self) -> None:
         """Stop the heartbeat and unregister (the adapter waits up to its
         `mq_timeout` for the answer)."""
@@ -576,7 +686,8 @@ class Scheduler:
     answer, and `settle` for the replies the adapter does not wait for."""
 
     adapter: Any
-    recorder: _RecordingClient
+    # None where the rig does not record the adapter's requests (lmcache 0.4).
+    recorder: _RecordingClient | None
     timeout: float
 
     @classmethod
@@ -592,24 +703,26 @@ class Scheduler:
     ) -> Scheduler:
         """The adapter, with `timeout` as its mq_timeout and `heartbeat` as
         its heartbeat interval (None: lmcache's default)."""
+        config = adapter_config(timeout, heartbeat, None)
+        adapter, recorder = cls._adapter(url, context, model, block_size, config)
+        return cls(adapter, recorder, timeout)
+
+    @classmethod
+    def _adapter(
+        cls, url: str, context: Any, model: str, block_size: int, config: Any
+    ) -> tuple[Any, _RecordingClient | None]:
+        """0.5.6's adapter takes a list of server URLs; its client to `url`
+        is replaced by a recording one."""
         from lmcache.integration.vllm.vllm_multi_process_adapter import (
             LMCacheMPSchedulerAdapter,
         )
 
-        config: dict[str, float] = {"lmcache.mp.mq_timeout": timeout}
-        if heartbeat is not None:
-            config["lmcache.mp.heartbeat_interval"] = heartbeat
         adapter = LMCacheMPSchedulerAdapter(
-            [url],
-            context,
-            model,
-            block_size,
-            single_rank(),
-            extra_config=config,
+            [url], context, model, block_size, single_rank(), extra_config=config
         )
         recorder = _RecordingClient(adapter.req_clients[url])
         adapter.req_clients[url] = recorder
-        return cls(adapter, recorder, timeout)
+        return adapter, recorder
 
     def lookup(self, request_id: str, tokens: Sequence[int]) -> int:
         """Tokens of `tokens`' prefix the server holds (LOOKUP, then
@@ -666,7 +779,10 @@ class Scheduler:
     def settle(self) -> list[tuple[str, Any]]:
         """Wait for the reply to every request sent so far; returns
         (operation, reply) pairs. Raises `TimeoutError` naming the first
-        request left unanswered."""
+        request left unanswered. Without a recorder nothing was kept to
+        wait for: returns []."""
+        if self.recorder is None:
+            return []
         pending, self.recorder.pending = self.recorder.pending, []
         return [(name, _wait(f, self.timeout, name)) for name, f in pending]
 

@@ -31,6 +31,9 @@ from lmcd.spawn import free_port
 from tests.lmcache04.rig import (
     CHUNK,
     DATA,
+    HEARTBEAT,
+    LAYOUT,
+    TIMEOUT,
     VERSION,
     RawClient,
     Scheduler,
@@ -118,16 +121,40 @@ def drive(url: str, ctx: Any, proxy: RecordingProxy, opened: list[Any]) -> None:
     model = "capture-model"
     tokens = [100 + i for i in range(2 * CHUNK + 8)]
     proxy.label = "scheduler"
-    scheduler = Scheduler.start(url, ctx, model=model)
+    scheduler = Scheduler.start(
+        url,
+        ctx,
+        model=model,
+        block_size=LAYOUT.block_size,
+        timeout=TIMEOUT,
+        heartbeat=HEARTBEAT,
+    )
     opened.append(scheduler)
     proxy.label = "worker-a"
-    a = Worker.start(url, ctx, model=model, mode=DATA, seed=1)
+    a = Worker.start(
+        url,
+        ctx,
+        model=model,
+        layout=LAYOUT,
+        mode=DATA,
+        seed=1,
+        timeout=TIMEOUT,
+        heartbeat=HEARTBEAT,
+    )
     opened.append(a)
     assert a.store("req-store", tokens, [3, 4, 9, 10], end=2 * CHUNK)
     assert scheduler.wait_stored(tokens, 2 * CHUNK) == 2 * CHUNK
     assert scheduler.lookup("req-load", tokens) == 2 * CHUNK
     proxy.label = "worker-b"
-    b = Worker.start(url, ctx, model=model, mode=DATA)
+    b = Worker.start(
+        url,
+        ctx,
+        model=model,
+        layout=LAYOUT,
+        mode=DATA,
+        timeout=TIMEOUT,
+        heartbeat=HEARTBEAT,
+    )
     opened.append(b)
     assert b.retrieve("req-load", tokens, [12, 5, 7, 1], end=2 * CHUNK)
     assert blocks_equal(a.kv, [3, 4, 9, 10], b.kv, [12, 5, 7, 1])

@@ -10,30 +10,27 @@ collected.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.adapter_rig import filter_warnings_under, lmcache_version
 
-def _lmcache_version() -> str | None:
-    try:
-        return metadata.version("lmcache")
-    except metadata.PackageNotFoundError:
-        return None
-
-
-VERSION = _lmcache_version()
+VERSION = lmcache_version()
 
 if VERSION not in ("0.4.6", "0.4.7"):
     collect_ignore_glob = ["test_*.py"]
 else:
-    from lmcd.benchmarks.lmcache05 import LMCD, NO_TELEMETRY, REFERENCE, ServerOptions
+    from functools import partial
+
+    from lmcd.benchmarks.lmcache05 import LMCD, REFERENCE, ServerOptions
     from lmcd.benchmarks.lmcache05 import ServerProcess as _ServerProcess
-    from tests.lmcache04.rig import Rig, start_server, zmq_context
+    from tests.adapter_rig import context, rig_for, served, start_for_module
+    from tests.lmcache04.rig import Rig, start_server
+
+    __all__ = ["context"]
 
     DIALECT = f"lmcache-{VERSION}"
     # Every dialect at once, detected per connection.
@@ -45,11 +42,7 @@ else:
     def lmcd_options(dialect: str = DIALECT, **kw: Any) -> ServerOptions:
         return ServerOptions(lmcd_flags=(*LMCD_FLAGS, "--dialect", dialect), **kw)
 
-    def _start(
-        kind: str, options: ServerOptions, factory: pytest.TempPathFactory
-    ) -> _ServerProcess:
-        os.environ.update(NO_TELEMETRY)
-        return start_server(kind, options, factory.mktemp(f"{kind}-logs"))
+    _start = partial(start_for_module, start_server)
 
     @pytest.fixture(scope="module")
     def reference_server(
@@ -58,8 +51,7 @@ else:
         """lmcache's own MP server of this release on CPU (chunk 16, 0.25
         GB, LRU), telemetry off; stopped after the module."""
         server = _start(REFERENCE, ServerOptions(), tmp_path_factory)
-        yield server
-        server.stop()
+        yield from served(server, clean_exit=False)
 
     @pytest.fixture(scope="module")
     def lmcd_server(
@@ -68,9 +60,7 @@ else:
         """`lmcd serve --chunk-size 16 --dialect lmcache-0.4.x`; stopped (and
         checked to exit 0) after the module."""
         server = _start(LMCD, lmcd_options(), tmp_path_factory)
-        yield server
-        code = server.stop()
-        assert code == 0, server.log_tail()
+        yield from served(server, clean_exit=True)
 
     @pytest.fixture(scope="module")
     def lmcd_mixed_server(
@@ -78,9 +68,7 @@ else:
     ) -> Iterator[_ServerProcess]:
         """The same with `--dialect auto` (every dialect, detected)."""
         server = _start(LMCD, lmcd_options(EVERY), tmp_path_factory)
-        yield server
-        code = server.stop()
-        assert code == 0, server.log_tail()
+        yield from served(server, clean_exit=True)
 
     @pytest.fixture(scope="module", params=[REFERENCE, LMCD, MIXED])
     def server(request: pytest.FixtureRequest) -> _ServerProcess:
@@ -95,19 +83,11 @@ else:
         return result
 
     @pytest.fixture
-    def context() -> Iterator[Any]:
-        ctx = zmq_context()
-        yield ctx
-        ctx.term()
-
-    @pytest.fixture
     def rig(
         server: _ServerProcess, context: Any, request: pytest.FixtureRequest
     ) -> Iterator[Rig]:
         """Adapters and clients on `server`, for a model of this test's own."""
-        r = Rig(server.url, context, model=f"model-{request.node.name}")
-        yield r
-        r.close()
+        yield from rig_for(Rig, server, context, request.node.name)
 
     @pytest.fixture
     def tmp_logs(tmp_path: Path) -> Path:
@@ -115,9 +95,5 @@ else:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # lmcache 0.4's logger setup may build deprecated opentelemetry handlers
-    # when a module is first imported, inside any test.
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(item.fspath).parents:
-            item.add_marker(pytest.mark.filterwarnings("ignore::DeprecationWarning"))
+    # lmcache 0.4 builds deprecated opentelemetry handlers.
+    filter_warnings_under(Path(__file__).parent, items, "ignore::DeprecationWarning")

@@ -1,40 +1,63 @@
 """The real lmcache 0.4.6 / 0.4.7 vLLM adapters on CPU, wrapped in blocking
-calls with timeouts, and the servers they talk to (lmd or lmcache 0.4.7's
+calls with timeouts, and the servers they talk to (lmcd or lmcache 0.4's
 own, both on loopback).
 
 Needs lmcache 0.4.6 or 0.4.7 (installed with `--no-deps` plus its small
-dependency set: `nox -s tests_lmcache046` / `tests_lmcache047`). The
-servers are started as `lmcd.benchmarks.lmcache05` starts them (the 0.4.7
-server takes the same flags as 0.5.6's); only the readiness probe speaks
-0.4.
+dependency set: `nox -s tests_lmcache046` / `tests_lmcache047`). Servers,
+adapter wrappers and the `Rig` are the ones `tests/lmcache05` uses
+(`lmcd.benchmarks.lmcache05`, `tests/adapter_rig.py`); what 0.4 takes
+differently is spelt out here: the 0.4.6 reference's transfer-mode flag,
+the readiness probe (0.4's GET_CHUNK_SIZE), the adapters' call shapes per
+release (`Worker` and `Scheduler` below) and the bare client.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
-import socket
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, cast
 
 import attrs
-import torch
 
+from lmcd.benchmarks import lmcache05 as rig05
 from lmcd.benchmarks.lmcache05 import (
-    NO_TELEMETRY,
     REFERENCE,
     KVLayout,
     ServerOptions,
     ServerProcess,
+    launch,
     server_command,
+    single_rank,
+    wait_ready,
+    zmq_context,
 )
-from lmcd.errors import LmcdError
-from lmcd.spawn import free_port
+from tests import adapter_rig
+from tests.adapter_rig import CHUNK, prompt, rid, untouched
+
+__all__ = [
+    "CHUNK",
+    "DATA",
+    "HANDLE",
+    "HEARTBEAT",
+    "LAYOUT",
+    "TIMEOUT",
+    "VERSION",
+    "RawClient",
+    "Rig",
+    "Scheduler",
+    "Worker",
+    "key",
+    "prompt",
+    "rid",
+    "start_server",
+    "stop_and_restart",
+    "untouched",
+    "zmq_context",
+]
 
 VERSION = metadata.version("lmcache")
 # lmcache 0.4.7 chooses the transfer path by `lmcache.mp.mp_transfer_mode`;
@@ -42,53 +65,40 @@ VERSION = metadata.version("lmcache")
 HANDLE = "handle"  # 0.4.7: CpuShmTensorWrapper, the server copies
 DATA = "data"  # the worker copies: 0.4.7 through the server's pool, 0.4.6 pickles
 
-# Chunk 16 (the servers' --chunk-size) over blocks of 8 tokens: each chunk
-# spans two blocks, so both sides must gather and scatter across blocks.
-LAYOUT = KVLayout(num_layers=2, num_blocks=16, block_size=8, num_heads=2, head_dim=8)
-
-
-def make_kv(layout: KVLayout, seed: int | None = None) -> dict[str, torch.Tensor]:
-    """A CPU KV cache as vLLM's CPU backend lays it out and lmcache 0.4
-    reads it on CPU (HND: `[2, blocks, heads, block size, head size]`),
-    one tensor per layer: zeros, or random values from `seed`."""
-    shape = (
-        2,
-        layout.num_blocks,
-        layout.num_heads,
-        layout.block_size,
-        layout.head_dim,
-    )
-    gen = None if seed is None else torch.Generator().manual_seed(seed)
-    kv = {}
-    for i in range(layout.num_layers):
-        if gen is None:
-            t = torch.zeros(shape, dtype=layout.dtype)
-        else:
-            t = torch.randn(shape, generator=gen).to(layout.dtype)
-        kv[f"model.layers.{i}.self_attn.attn"] = t
-    return kv
-
-
-CHUNK = 16
+# HND: lmcache 0.4 reads a vLLM CPU cache so; chunk 16 over blocks of 8.
+LAYOUT = KVLayout(
+    num_layers=2, num_blocks=16, block_size=8, num_heads=2, head_dim=8, order="HND"
+)
 TIMEOUT = 10.0
-
-_instance_ids = itertools.count(1_000_000 + os.getpid() * 1000)
-_prompts = itertools.count(1)
-_requests = itertools.count(1)
-
-
-def prompt(n_tokens: int) -> list[int]:
-    """A prompt no other test uses: its chunk hashes are new to the server."""
-    first = next(_prompts)
-    return [first * 100_003 % 150_000, *range(7, 7 + n_tokens - 1)]
-
-
-def rid(name: str) -> str:
-    """A request id no other test uses (servers keep a session per id)."""
-    return f"{name}-{next(_requests)}"
+HEARTBEAT = 10.0
 
 
 # -- servers -----------------------------------------------------------------------
+
+
+def command_04(
+    kind: str, port: int, options: ServerOptions, shm_name: str
+) -> list[str]:
+    """`server_command` (0.4.7's server takes 0.5.6's flags), except that
+    0.4.6's serves one transfer mode, and CPU workers need non_gpu."""
+    args = server_command(kind, port, options, shm_name)
+    if kind == REFERENCE and VERSION == "0.4.6":
+        cut = args.index("--supported-transfer-mode")
+        args[cut : cut + 4] = ["--transfer-mode", "non_gpu"]
+    return args
+
+
+def probe_chunk_size(url: str, timeout: float) -> Any:
+    """An lmcache 0.4 GET_CHUNK_SIZE to `url`; `TimeoutError` without an answer."""
+    ctx = zmq_context()
+    try:
+        client = RawClient.connect(url, ctx)
+        try:
+            return client.call("GET_CHUNK_SIZE", [], timeout)
+        finally:
+            client.close()
+    finally:
+        ctx.term()
 
 
 def start_server(
@@ -97,31 +107,14 @@ def start_server(
     """Start lmcd or lmcache's own server (kind "reference") and return once
     it answers an lmcache 0.4 GET_CHUNK_SIZE with `options.chunk_size`.
     Raises `LmcdError` with the server's log otherwise."""
-    port = free_port()
-    shm_name = f"lmcache_l1_pool_lmcd_t{os.getpid()}_{port}"
-    log_path = log_dir / f"{kind}-{port}.log"
-    if kind == REFERENCE and VERSION == "0.4.6":
-        # 0.4.6's server serves one transfer mode; CPU workers need non_gpu.
-        args = server_command(kind, port, options, shm_name)
-        cut = args.index("--supported-transfer-mode")
-        args[cut : cut + 4] = ["--transfer-mode", "non_gpu"]
-    else:
-        args = server_command(kind, port, options, shm_name)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **NO_TELEMETRY, "PYTHONUNBUFFERED": "1"},
-        )
-    server = ServerProcess(kind, port, proc, log_path, shm_name)
-    try:
-        wait_ready(server, options, timeout)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return rig05.start_server(
+        kind,
+        options,
+        log_dir,
+        start_timeout=timeout,
+        command=command_04,
+        probe=probe_chunk_size,
+    )
 
 
 def stop_and_restart(
@@ -134,7 +127,7 @@ def stop_and_restart(
     """Stop `server`, wait (up to `timeout` s) until `down()` says its
     clients noticed, then start it again on the same port with the same
     command line (`server.proc` is the new process)."""
-    args = list(server.proc.args)  # type: ignore[arg-type]
+    args = list(cast(list[str], server.proc.args))  # a server_command line
     code = server.stop()
     assert code == 0, server.log_tail()
     deadline = time.monotonic() + timeout
@@ -142,63 +135,8 @@ def stop_and_restart(
         if time.monotonic() > deadline:
             raise TimeoutError("the clients did not notice the server went away")
         time.sleep(0.05)
-    with server.log_path.open("ab") as log:
-        server.proc = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **NO_TELEMETRY, "PYTHONUNBUFFERED": "1"},
-        )
-    wait_ready(server, options, timeout)
-
-
-def wait_ready(server: ServerProcess, options: ServerOptions, timeout: float) -> None:
-    """Wait until `server` answers GET_CHUNK_SIZE with the chunk size."""
-    wait_listening(server, timeout)
-    size = probe_chunk_size(server.url, timeout=10.0)
-    if size != options.chunk_size:
-        raise LmcdError(f"{server.kind} answered GET_CHUNK_SIZE with {size!r}")
-
-
-def wait_listening(server: ServerProcess, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if server.proc.poll() is not None:
-            raise LmcdError(
-                f"{server.kind} exited with {server.proc.returncode}; its log:\n"
-                f"{server.log_tail()}"
-            )
-        try:
-            with socket.create_connection(("127.0.0.1", server.port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise LmcdError(
-                    f"{server.kind} is not listening after {timeout} s; its log:\n"
-                    f"{server.log_tail()}"
-                ) from None
-            time.sleep(0.05)
-
-
-def zmq_context() -> Any:
-    import zmq
-
-    ctx = zmq.Context()
-    ctx.setsockopt(zmq.LINGER, 0)
-    return ctx
-
-
-def probe_chunk_size(url: str, timeout: float) -> Any:
-    ctx = zmq_context()
-    try:
-        client = RawClient.connect(url, ctx)
-        try:
-            return client.call("GET_CHUNK_SIZE", [], timeout)
-        finally:
-            client.close()
-    finally:
-        ctx.term()
+    server.proc = launch(args, server.log_path, append=True)
+    wait_ready(server, options, probe_chunk_size, start_timeout=timeout)
 
 
 # -- the real client -----------------------------------------------------------------
@@ -234,299 +172,120 @@ def key(
     tokens: Sequence[int],
     request_id: str,
     *,
-    start: int = 0,
-    end: int | None = None,
-    worker_id: int | None = 0,
     world_size: int = 1,
+    **where: Any,
 ) -> Any:
-    """An lmcache 0.4 `IPCCacheEngineKey`."""
+    """An lmcache 0.4 `IPCCacheEngineKey`; `where`: `start`, `end`,
+    `worker_id` as `key_fields` takes them."""
     from lmcache.v1.multiprocess.custom_types import IPCCacheEngineKey
 
-    return IPCCacheEngineKey(
-        model_name=model,
-        world_size=world_size,
-        worker_id=worker_id,
-        token_ids=tuple(tokens),
-        start=start,
-        end=len(tokens) if end is None else end,
-        request_id=request_id,
-    )
+    fields = rig05.key_fields(model, tokens, request_id, **where)
+    return IPCCacheEngineKey(world_size=world_size, **fields)
 
 
-def single_rank() -> Any:
-    """The `ParallelStrategy` of one non-MLA worker (TP 1, PP 1); its
-    fields differ between 0.4.6 and 0.4.7."""
-    from lmcache.integration.vllm.vllm_multi_process_adapter import (
-        ParallelStrategy,
-    )
-
-    values = {
-        "use_mla": False,
-        "kv_world_size": 1,
-        "kv_worker_id": 0,
-        "actual_world_size": 1,
-        "actual_worker_id": 0,
-        "vllm_world_size": 1,
-        "vllm_worker_id": 0,
-        "tp_size": 1,
-        "pp_size": 1,
-    }
-    names = [f.name for f in dataclasses.fields(ParallelStrategy)]
-    return ParallelStrategy(**{n: values[n] for n in names})
+def _stop_heartbeat(adapter: Any) -> None:
+    # 0.4's adapters leave their heartbeat thread running on shutdown.
+    heartbeat = getattr(adapter, "_heartbeat", None)
+    if heartbeat is not None:
+        heartbeat.stop()
 
 
-def _extra(timeout: float, heartbeat: float, mode: str | None) -> dict[str, Any]:
-    extra: dict[str, Any] = {
-        "lmcache.mp.mq_timeout": timeout,
-        "lmcache.mp.heartbeat_interval": heartbeat,
-    }
-    if mode is not None and VERSION != "0.4.6":
-        extra["lmcache.mp.mp_transfer_mode"] = mode
-    return extra
-
-
-def _event() -> Any:
-    from lmcache.v1.platform.cpu.stub_cpu_device import StubEvent
-
-    event = StubEvent(interprocess=True)
-    event.record()
-    return event
-
-
-def _wait(future: Any, timeout: float, what: str) -> Any:
-    try:
-        return future.result(timeout)
-    except TimeoutError:
-        raise TimeoutError(f"no answer to {what} within {timeout} s") from None
+# Instance ids no two workers share: 0.4's default is the pid, the same for
+# every worker of a test process.
+_instance_ids = itertools.count(1_000_000 + os.getpid() * 1000)
 
 
 @attrs.define
-class Worker:
-    """lmcache 0.4's `LMCacheMPWorkerAdapter` with a registered CPU KV cache
-    (its instance id made unique: 0.4 uses the pid); store and retrieve
-    wait for the server's answer."""
-
-    adapter: Any
-    kv: dict[str, torch.Tensor]
-    timeout: float
+class Worker(rig05.Worker):
+    """lmcache 0.4's `LMCacheMPWorkerAdapter`, as 0.4.6 and 0.4.7 take it."""
 
     @classmethod
-    def start(
-        cls,
-        url: str,
-        context: Any,
-        *,
-        model: str,
-        layout: KVLayout = LAYOUT,
-        mode: str | None = None,
-        seed: int | None = None,
-        timeout: float = TIMEOUT,
-        heartbeat: float = 10.0,
-    ) -> Worker:
-        from lmcache.integration.vllm.vllm_multi_process_adapter import (
-            LMCacheMPWorkerAdapter,
-        )
+    def _config(
+        cls, timeout: float, heartbeat: float | None, mode: str | None
+    ) -> dict[str, Any]:
+        # 0.4.6 has no transfer-mode setting (the device decides).
+        mode = None if VERSION == "0.4.6" else mode
+        return rig05.adapter_config(timeout, heartbeat, mode)
 
-        adapter = LMCacheMPWorkerAdapter(
-            url,
-            context,
-            model,
-            layout.block_size,
-            single_rank(),
-            extra_config=_extra(timeout, heartbeat, mode),
-        )
-        adapter.instance_id = next(_instance_ids)
-        kv = make_kv(layout, seed)
-        try:
-            if VERSION == "0.4.6":
-                adapter.register_kv_caches(kv)
-            else:
-                adapter.register_kv_caches(kv, layout.engine_group_infos())
-        except BaseException:
-            adapter.shutdown()
-            raise
-        return cls(adapter, kv, timeout)
-
-    def _op(
-        self,
-        tokens: Sequence[int],
-        blocks: Sequence[int],
-        start: int,
-        end: int | None,
-        skip: int = 0,
+    @classmethod
+    def _adapter(
+        cls, url: str, context: Any, model: str, layout: KVLayout, config: Any
     ) -> Any:
-        from lmcache.integration.vllm.vllm_multi_process_adapter import LoadStoreOp
+        adapter = super()._adapter(url, context, model, layout, config)
+        adapter.instance_id = next(_instance_ids)
+        return adapter
 
-        return LoadStoreOp(
-            token_ids=list(tokens),
-            block_ids=list(blocks) if VERSION == "0.4.6" else [list(blocks)],
-            start=start,
-            end=len(tokens) if end is None else end,
-            skip_first_n_tokens=skip,
-        )
+    @classmethod
+    def _register(cls, adapter: Any, kv: Any, layout: KVLayout) -> None:
+        # 0.4.6: the caches alone; 0.4.7 adds the attention groups; neither
+        # takes 0.5.6's layout hints (they read a CPU cache as HND).
+        if VERSION == "0.4.6":
+            adapter.register_kv_caches(kv)
+        else:
+            adapter.register_kv_caches(kv, layout.engine_group_infos())
 
-    def _finish(self, request_id: str, future: Any) -> bool:
-        ok = bool(_wait(future, self.timeout, f"request {request_id}"))
-        self.adapter.get_finished({request_id})
-        return ok
+    @classmethod
+    def _block_ids(cls, blocks: Sequence[int]) -> list[Any]:
+        # 0.4.6: one flat list; 0.4.7: one list per KV cache group.
+        return list(blocks) if VERSION == "0.4.6" else [list(blocks)]
 
-    def store(
-        self,
-        request_id: str,
-        tokens: Sequence[int],
-        blocks: Sequence[int],
-        *,
-        start: int = 0,
-        end: int | None = None,
-    ) -> bool:
-        """Store `[start, end)` of `tokens` from `blocks`, wait; success."""
-        op = self._op(tokens, blocks, start, end)
-        self.adapter.submit_store_request(request_id, op, _event())
-        future = self.adapter.store_futures.get(request_id)
-        if future is None:  # degraded: the adapter dropped it
-            return False
-        return self._finish(request_id, future)
+    def _event(self) -> Any:
+        # 0.4's adapters have no `create_recorded_event`; on CPU they take
+        # the stub device's interprocess event.
+        from lmcache.v1.platform.cpu.stub_cpu_device import StubEvent
 
-    def retrieve(
-        self,
-        request_id: str,
-        tokens: Sequence[int],
-        blocks: Sequence[int],
-        *,
-        start: int = 0,
-        end: int | None = None,
-        skip_first_n_tokens: int = 0,
-    ) -> bool:
-        """Retrieve `[start, end)` of `tokens` into `blocks`, wait; success."""
-        op = self._op(tokens, blocks, start, end, skip_first_n_tokens)
-        self.adapter.submit_retrieve_request(request_id, op, _event())
-        entry = self.adapter.retrieve_futures.get(request_id)
-        if entry is None:
-            return False
-        return self._finish(request_id, entry[0])
-
-    @property
-    def healthy(self) -> bool:
-        return bool(self.adapter.is_healthy)
+        event = StubEvent(interprocess=True)
+        event.record()
+        return event
 
     def shutdown(self) -> None:
-        heartbeat = getattr(self.adapter, "_heartbeat", None)
-        if heartbeat is not None:
-            heartbeat.stop()
+        _stop_heartbeat(self.adapter)
         self.adapter.shutdown()
 
 
-_PROBES = itertools.count()
-
-
 @attrs.define
-class Scheduler:
-    """lmcache 0.4's `LMCacheMPSchedulerAdapter`; `lookup` polls until the
-    server answers."""
-
-    adapter: Any
-    timeout: float
+class Scheduler(rig05.Scheduler):
+    """lmcache 0.4's `LMCacheMPSchedulerAdapter`: one server URL, its own
+    `mq_client` (not recorded: `settle` has nothing to wait for), no
+    `shutdown` of its own."""
 
     @classmethod
-    def start(
-        cls,
-        url: str,
-        context: Any,
-        *,
-        model: str,
-        block_size: int = LAYOUT.block_size,
-        timeout: float = TIMEOUT,
-        heartbeat: float = 10.0,
-    ) -> Scheduler:
+    def _adapter(
+        cls, url: str, context: Any, model: str, block_size: int, config: Any
+    ) -> tuple[Any, None]:
         from lmcache.integration.vllm.vllm_multi_process_adapter import (
             LMCacheMPSchedulerAdapter,
         )
 
         adapter = LMCacheMPSchedulerAdapter(
-            url,
-            context,
-            model,
-            block_size,
-            single_rank(),
-            extra_config=_extra(timeout, heartbeat, None),
+            url, context, model, block_size, single_rank(), extra_config=config
         )
-        return cls(adapter, timeout)
-
-    def lookup(self, request_id: str, tokens: Sequence[int]) -> int:
-        """Tokens of `tokens`' prefix the server holds (LOOKUP, then
-        QUERY_PREFETCH_STATUS, as vLLM's scheduler does); takes read locks."""
-        self.adapter.maybe_submit_lookup_request(request_id, list(tokens))
-        deadline = time.monotonic() + self.timeout
-        while (hit := self.adapter.check_lookup_result(request_id)) is None:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"lookup {request_id} unfinished")
-            time.sleep(0.001)
-        if not self.adapter.is_healthy:
-            raise TimeoutError(f"the server did not answer lookup {request_id}")
-        self.adapter.cleanup_lookup_result(request_id)
-        return int(hit)
-
-    def wait_stored(
-        self, tokens: Sequence[int], expected: int, timeout: float = 5.0
-    ) -> int:
-        """Look up until `expected` tokens are found (a server may answer a
-        store just before its chunks become visible); leaves no lock."""
-        deadline = time.monotonic() + timeout
-        while True:
-            probe = f"probe-{os.getpid()}-{next(_PROBES)}"
-            hit = self.lookup(probe, tokens)
-            if hit:
-                self.adapter.free_lookup_locks(list(tokens), 0, hit, probe)
-            if hit == expected or time.monotonic() > deadline:
-                return hit
-            time.sleep(0.02)
+        return adapter, None
 
     def shutdown(self) -> None:
-        heartbeat = getattr(self.adapter, "_heartbeat", None)
-        if heartbeat is not None:
-            heartbeat.stop()
+        _stop_heartbeat(self.adapter)
         self.adapter.mq_client.close()
 
 
 @attrs.define
-class Rig:
-    """Makes workers, schedulers and raw clients for one model on one
-    server, and closes them all in `close`."""
+class Rig(adapter_rig.Rig):
+    """lmcache 0.4's adapters (the adapter's default transfer mode unless
+    told otherwise, heartbeats every `HEARTBEAT` s) and its bare client."""
 
-    url: str
-    context: Any
-    model: str
-    opened: list[Any] = attrs.field(factory=list)
+    layout: KVLayout = LAYOUT
+    worker_class: ClassVar[type[rig05.Worker]] = Worker
+    scheduler_class: ClassVar[type[rig05.Scheduler]] = Scheduler
+    timeout: ClassVar[float] = TIMEOUT
+    heartbeat: ClassVar[float | None] = HEARTBEAT
 
-    def worker(self, mode: str | None = None, **kwargs: Any) -> Worker:
-        w = Worker.start(self.url, self.context, model=self.model, mode=mode, **kwargs)
-        self.opened.append(w)
-        return w
-
-    def scheduler(self, **kwargs: Any) -> Scheduler:
-        s = Scheduler.start(self.url, self.context, model=self.model, **kwargs)
-        self.opened.append(s)
-        return s
-
-    def raw(self) -> RawClient:
+    def _raw_client(self) -> RawClient:
         """A bare client that, like every lmcache adapter and tool, asks
         GET_CHUNK_SIZE first: where lmcd detects among 0.4 releases, a
         client's first message tells 0.4.6 from 0.4.7 (`lmcd.wire.lmcache04`)."""
         c = RawClient.connect(self.url, self.context)
-        self.opened.append(c)
-        assert c.call("GET_CHUNK_SIZE", []) == CHUNK
+        try:
+            assert c.call("GET_CHUNK_SIZE", []) == CHUNK
+        except BaseException:
+            c.close()
+            raise
         return c
-
-    def close(self) -> None:
-        while self.opened:
-            thing = self.opened.pop()
-            if isinstance(thing, Worker | Scheduler):
-                thing.shutdown()
-            else:
-                thing.close()
-
-
-def untouched(kv: dict[str, torch.Tensor], written: Sequence[int]) -> bool:
-    """Whether every block but `written` still holds zeros, in every layer."""
-    others = [b for b in range(LAYOUT.num_blocks) if b not in written]
-    return all(int(torch.count_nonzero(t[:, others])) == 0 for t in kv.values())

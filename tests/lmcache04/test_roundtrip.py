@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmcd.benchmarks.lmcache05 import blocks_equal
+from tests.adapter_rig import retrieve_skipping_first_chunk, store_lookup_retrieve
 from tests.lmcache04.rig import (
     CHUNK,
     DATA,
@@ -27,7 +27,7 @@ from tests.lmcache04.rig import (
 MODES = [DATA] if VERSION == "0.4.6" else [DATA, HANDLE]
 
 
-def check_transfer_path(rig: Rig, worker: object, mode: str) -> None:
+def check_transfer_path(worker: object, mode: str) -> None:
     ctx = worker.adapter.transfer_ctx  # type: ignore[attr-defined]
     if VERSION == "0.4.6":
         from lmcache.v1.multiprocess.non_gpu_context_pickle import NonGpuContextPickle
@@ -50,45 +50,20 @@ def _served_by_lmcd_in_handle_mode(rig: Rig, mode: str, name: str) -> bool:
 def test_store_lookup_retrieve(
     rig: Rig, mode: str, request: pytest.FixtureRequest
 ) -> None:
-    a = rig.worker(mode, seed=1)
-    tokens = prompt(2 * CHUNK + 8)  # two full chunks and a partial one
-    stored = [3, 4, 9, 10]  # two blocks of 8 tokens per chunk
     if _served_by_lmcd_in_handle_mode(rig, mode, request.node.name):
         # lmcache 0.4 reads a vLLM CPU cache as HND, which lmcd's host path
         # does not map: the registration was refused (and logged), so the
         # store fails cleanly and the worker recomputes.
-        assert not a.store(rid("store"), tokens, stored, end=2 * CHUNK)
+        a = rig.worker(mode, seed=1)
+        tokens = prompt(2 * CHUNK + 8)
+        assert not a.store(rid("store"), tokens, [3, 4, 9, 10], end=2 * CHUNK)
         return
-    check_transfer_path(rig, a, mode)
-    assert a.store(rid("store"), tokens, stored, end=2 * CHUNK)
-
-    scheduler = rig.scheduler()
-    # The partial chunk is never stored, so never found.
-    assert scheduler.wait_stored(tokens, 2 * CHUNK) == 2 * CHUNK
-    load = rid("load")
-    assert scheduler.lookup(load, tokens) == 2 * CHUNK
-
-    b = rig.worker(mode)
-    target = [12, 5, 7, 1]
-    assert b.retrieve(load, tokens, target, end=2 * CHUNK)
-    assert blocks_equal(a.kv, stored, b.kv, target)
-    assert untouched(b.kv, target)
-    scheduler.adapter.end_session(load)
+    store_lookup_retrieve(rig, mode, lambda w: check_transfer_path(w, mode))
 
 
 def test_retrieve_skips_first_tokens(rig: Rig) -> None:
     """`skip_first_n_tokens` (blocks vLLM already shares) are not written."""
-    a = rig.worker(DATA, seed=2)
-    tokens = prompt(2 * CHUNK)
-    assert a.store(rid("store"), tokens, [1, 2, 3, 4])
-    scheduler = rig.scheduler()
-    assert scheduler.wait_stored(tokens, 2 * CHUNK) == 2 * CHUNK
-    load = rid("load")
-    assert scheduler.lookup(load, tokens) == 2 * CHUNK
-    b = rig.worker(DATA)
-    assert b.retrieve(load, tokens, [5, 6, 7, 8], skip_first_n_tokens=CHUNK)
-    assert blocks_equal(a.kv, [3, 4], b.kv, [7, 8])
-    assert untouched(b.kv, [7, 8])
+    retrieve_skipping_first_chunk(rig, DATA)
 
 
 def test_miss_for_unknown_prompt(rig: Rig) -> None:

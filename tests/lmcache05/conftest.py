@@ -8,34 +8,29 @@ directory is not collected.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.adapter_rig import filter_warnings_under, lmcache_version
 
-def _lmcache_version() -> str | None:
-    try:
-        return metadata.version("lmcache")
-    except metadata.PackageNotFoundError:
-        return None
-
-
-if not (_lmcache_version() or "").startswith("0.5."):
+if not (lmcache_version() or "").startswith("0.5."):
     collect_ignore_glob = ["test_*.py"]
 else:
+    from functools import partial
+
     from lmcd.benchmarks.lmcache05 import (
         LMCD,
-        NO_TELEMETRY,
         REFERENCE,
         ServerOptions,
         ServerProcess,
         start_server,
-        zmq_context,
     )
+    from tests.adapter_rig import context, rig_for, served, start_for_module
+
+    __all__ = ["context"]
 
     SERVER_PARAMS = [REFERENCE, LMCD]
 
@@ -46,18 +41,7 @@ else:
     # so an lmcd without the dialect costs each module one wait. lmcd binds
     # its port before torch is imported (1-2 s, more on a loaded machine)
     # and answers once it is: the wait counts from the bind.
-    _ANSWER_TIMEOUT = 20.0
-
-    def _start(
-        kind: str, options: ServerOptions, factory: pytest.TempPathFactory
-    ) -> ServerProcess:
-        os.environ.update(NO_TELEMETRY)
-        return start_server(
-            kind,
-            options,
-            factory.mktemp(f"{kind}-logs"),
-            answer_timeout=_ANSWER_TIMEOUT,
-        )
+    _start = partial(start_for_module, partial(start_server, answer_timeout=20.0))
 
     @pytest.fixture(scope="module")
     def reference_server(
@@ -66,8 +50,7 @@ else:
         """lmcache's own 0.5.6 MP server on CPU (chunk 16, 0.25 GB, LRU,
         engine-driven SHM pool), telemetry off; stopped after the module."""
         server = _start(REFERENCE, ServerOptions(), tmp_path_factory)
-        yield server
-        server.stop()
+        yield from served(server, clean_exit=False)
 
     @pytest.fixture(scope="module")
     def lmcd_server(
@@ -76,9 +59,7 @@ else:
         """`lmcd serve --chunk-size 16 --cpu-buffer-size 0.25`; stopped
         (and checked to exit 0) after the module."""
         server = _start(LMCD, ServerOptions(), tmp_path_factory)
-        yield server
-        code = server.stop()
-        assert code == 0, server.log_tail()
+        yield from served(server, clean_exit=True)
 
     @pytest.fixture(scope="module", params=SERVER_PARAMS)
     def server(request: pytest.FixtureRequest) -> ServerProcess:
@@ -95,22 +76,12 @@ else:
         (`--l1-read-ttl-seconds` / `--lock-ttl`)."""
         options = ServerOptions(lock_ttl=SHORT_LOCK_TTL)
         server = _start(request.param, options, tmp_path_factory)
-        yield server
-        server.stop()
-
-    @pytest.fixture
-    def context() -> Iterator[Any]:
-        """A ZMQ context for the adapters; terminated after the test."""
-        ctx = zmq_context()
-        yield ctx
-        ctx.term()
+        yield from served(server, clean_exit=False)
 
     def _rig(server: ServerProcess, context: Any, name: str) -> Iterator[Any]:
         from tests.lmcache05.helpers import Rig
 
-        r = Rig(server.url, context, model=f"model-{name}")
-        yield r
-        r.close()
+        yield from rig_for(Rig, server, context, name)
 
     @pytest.fixture
     def rig(
@@ -128,15 +99,10 @@ else:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # lmcache 0.5.6's logger setup builds opentelemetry-sdk's deprecated
-    # LoggingHandler each time one of its modules is first imported; the
-    # adapters import modules lazily, so this can happen inside any test.
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(item.fspath).parents:
-            item.add_marker(
-                pytest.mark.filterwarnings(
-                    "ignore:`LoggingHandler` in `opentelemetry-sdk` is deprecated"
-                    ":DeprecationWarning"
-                )
-            )
+    # lmcache 0.5.6 builds opentelemetry-sdk's deprecated LoggingHandler.
+    filter_warnings_under(
+        Path(__file__).parent,
+        items,
+        "ignore:`LoggingHandler` in `opentelemetry-sdk` is deprecated"
+        ":DeprecationWarning",
+    )

@@ -1,11 +1,12 @@
 """The per-test rig: real lmcache 0.5.6 adapters and request clients on one
-server, all closed when the test ends (even when it fails)."""
+server, all closed when the test ends (even when it fails). The wrappers
+are `lmcd.benchmarks.lmcache05`'s; what both lmcache suites share is in
+`tests/adapter_rig.py`."""
 
 from __future__ import annotations
 
-import itertools
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 
@@ -13,95 +14,40 @@ from lmcd.benchmarks.lmcache05 import (
     LMCACHE_DRIVEN,
     KVLayout,
     Scheduler,
-    Worker,
     request_client,
 )
+from tests import adapter_rig
+from tests.adapter_rig import CHUNK, prompt, rid, untouched
 
-# Chunk 16 (the servers' --chunk-size) over blocks of 8 tokens: each chunk
-# spans two blocks, so the servers must gather and scatter across blocks.
+__all__ = [
+    "CHUNK",
+    "LAYOUT",
+    "TIMEOUT",
+    "Rig",
+    "hit_after_clear",
+    "prompt",
+    "rid",
+    "untouched",
+]
+
+# NHD, as 0.5.6's adapter is told; chunk 16 over blocks of 8 tokens.
 LAYOUT = KVLayout(num_layers=2, num_blocks=16, block_size=8, num_heads=2, head_dim=8)
-CHUNK = 16
 # Seconds any one answer may take (the adapters' mq_timeout too).
 TIMEOUT = 5.0
 
-_prompts = itertools.count(1)
-_requests = itertools.count(1)
-
-
-def prompt(n_tokens: int) -> list[int]:
-    """A prompt no other test uses: its chunk hashes are new to the server."""
-    first = next(_prompts)
-    return [first * 100_003 % 150_000, *range(7, 7 + n_tokens - 1)]
-
-
-def rid(name: str) -> str:
-    """A request id no other test uses. Both servers key sessions and lookup
-    jobs by the request id alone (vLLM's ids are unique), so a reused id
-    would see another test's session."""
-    return f"{name}-{next(_requests)}"
-
 
 @attrs.define
-class Rig:
-    """Makes workers, schedulers and raw clients for one model on one
-    server, and closes them all in `close`."""
+class Rig(adapter_rig.Rig):
+    """lmcache 0.5.6's adapters (lmcache-driven unless told otherwise) and
+    its bare `RequestClient`."""
 
-    url: str
-    context: Any
-    model: str
     layout: KVLayout = LAYOUT
-    opened: list[Any] = attrs.field(factory=list)
+    default_mode: ClassVar[str | None] = LMCACHE_DRIVEN
+    timeout: ClassVar[float] = TIMEOUT
 
-    def worker(
-        self,
-        mode: str = LMCACHE_DRIVEN,
-        *,
-        seed: int | None = None,
-        timeout: float = TIMEOUT,
-    ) -> Worker:
-        """A started worker adapter (zeros in its cache, or random data from
-        `seed`)."""
-        w = Worker.start(
-            self.url,
-            self.context,
-            model=self.model,
-            layout=self.layout,
-            mode=mode,
-            seed=seed,
-            timeout=timeout,
-        )
-        self.opened.append(w)
-        return w
-
-    def scheduler(self) -> Scheduler:
-        s = Scheduler.start(
-            self.url,
-            self.context,
-            model=self.model,
-            block_size=self.layout.block_size,
-            timeout=TIMEOUT,
-        )
-        self.opened.append(s)
-        return s
-
-    def raw(self) -> Any:
+    def _raw_client(self) -> Any:
         """lmcache 0.5.6's bare `RequestClient` (one frame per parameter)."""
-        c = request_client(self.url, self.context)
-        self.opened.append(c)
-        return c
-
-    def shutdown(self, thing: Any) -> None:
-        """Shut a worker or scheduler down now (unregister, close)."""
-        self.opened.remove(thing)
-        thing.shutdown()
-
-    def close(self) -> None:
-        while self.opened:
-            thing = self.opened.pop()
-            if isinstance(thing, Worker | Scheduler):
-                thing.shutdown()
-            else:
-                thing.close()
+        return request_client(self.url, self.context)
 
 
 def hit_after_clear(

@@ -6,15 +6,12 @@ import time
 from typing import Any
 
 from lmcd.benchmarks.lmcache05 import server_key
-from tests.lmcache05.helpers import CHUNK, TIMEOUT, prompt, rid
+from tests.adapter_rig import stored_prompt
+from tests.lmcache05.helpers import CHUNK, TIMEOUT, rid
 
 
 def test_end_session_is_answered_and_the_id_reusable(rig: Any) -> None:
-    a = rig.worker(seed=20)
-    tokens = prompt(2 * CHUNK)
-    assert a.store(rid("store"), tokens, [1, 2, 3, 4])
-    scheduler = rig.scheduler()
-    assert scheduler.wait_stored(tokens, 2 * CHUNK) == 2 * CHUNK
+    _, scheduler, tokens = stored_prompt(rig, seed=20)
     load = rid("load")
     assert scheduler.lookup(load, tokens) == 2 * CHUNK
     scheduler.adapter.end_session(load)
@@ -42,11 +39,7 @@ def test_ping_is_answered(rig: Any) -> None:
 
 
 def test_unregistered_worker_is_forgotten(rig: Any) -> None:
-    a = rig.worker(seed=21)
-    tokens = prompt(2 * CHUNK)
-    assert a.store(rid("store"), tokens, [1, 2, 3, 4])
-    scheduler = rig.scheduler()
-    assert scheduler.wait_stored(tokens, 2 * CHUNK) == 2 * CHUNK
+    a, scheduler, tokens = stored_prompt(rig, seed=21)
     load = rid("load")
     assert scheduler.lookup(load, tokens) == 2 * CHUNK
     scheduler.free_lookup_locks(load, tokens, 0, 2 * CHUNK)

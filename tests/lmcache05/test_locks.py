@@ -9,19 +9,9 @@ import time
 from typing import Any
 
 from lmcd.benchmarks.lmcache05 import blocks_equal
+from tests.adapter_rig import stored_prompt
 from tests.lmcache05.conftest import SHORT_LOCK_TTL
-from tests.lmcache05.helpers import CHUNK, TIMEOUT, hit_after_clear, prompt, rid
-
-
-def stored_prompt(rig: Any, seed: int) -> tuple[Any, Any, list[int]]:
-    """A worker that stored a new two-chunk prompt from blocks 1-4, and a
-    scheduler that sees it, holding no lock on it."""
-    a = rig.worker(seed=seed)
-    tokens = prompt(2 * CHUNK)
-    assert a.store(rid("store"), tokens, [1, 2, 3, 4])
-    scheduler = rig.scheduler()
-    assert scheduler.wait_stored(tokens, 2 * CHUNK) == 2 * CHUNK
-    return a, scheduler, tokens
+from tests.lmcache05.helpers import CHUNK, TIMEOUT, hit_after_clear, rid
 
 
 def test_retrieve_frees_the_lookup_lock(rig: Any) -> None:
