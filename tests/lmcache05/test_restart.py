@@ -11,8 +11,6 @@ when the restart falls between two pings.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,16 +19,15 @@ from pathlib import Path
 from lmcd.benchmarks.lmcache05 import (
     ENGINE_DRIVEN,
     LMCD,
-    NO_TELEMETRY,
     Scheduler,
     ServerOptions,
     ServerProcess,
     Worker,
-    _check_answers,
-    _wait_listening,
     blocks_equal,
+    launch,
     server_command,
     single_rank,
+    wait_ready,
     zmq_context,
 )
 from lmcd.spawn import free_port
@@ -40,19 +37,11 @@ from tests.lmcache05.helpers import CHUNK, LAYOUT, TIMEOUT, prompt, rid
 @contextmanager
 def _lmcd(port: int, options: ServerOptions, log_dir: Path) -> Iterator[ServerProcess]:
     log_path = log_dir / f"lmcd-{port}-{time.monotonic_ns()}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            server_command(LMCD, port, options, ""),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **NO_TELEMETRY},
-        )
+    proc = launch(server_command(LMCD, port, options, ""), log_path)
     # No pool of its own to name (stop() removes /dev/shm/<name>, if any).
     server = ServerProcess(LMCD, port, proc, log_path, f"lmcd-test-none-{port}")
     try:
-        _wait_listening(server, 60.0)
-        _check_answers(server, options, 10.0)
+        wait_ready(server, options)
         yield server
     finally:
         server.stop()
