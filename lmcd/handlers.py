@@ -25,7 +25,13 @@ from lmcd.errors import LmcdError, ProtocolError, RegistrationError, TransferErr
 from lmcd.lookups import LookupJob, LookupJobs, Sessions
 from lmcd.ratelog import RateLimitedLog
 from lmcd.reqlog import RequestDebugLog, describe
-from lmcd.scheduler import RegistrationTurn, RetrieveJob, StoreJob, TransferScheduler
+from lmcd.scheduler import (
+    Instance,
+    RegistrationTurn,
+    RetrieveJob,
+    StoreJob,
+    TransferScheduler,
+)
 from lmcd.storage import Reservation, StorageManager
 from lmcd.tiering import LocalLookup, Promotion, Tiering
 from lmcd.wire import Dialect, Message, Unsupported, parse
@@ -37,6 +43,7 @@ from lmcd.wire.types import (
     Clear,
     CommitRetrieve,
     CommitStore,
+    CopyResult,
     DropChunks,
     EndSession,
     FreeLookupLocks,
@@ -710,12 +717,105 @@ class Handlers:
     ) -> object:
         tiers = self.tiers
         assert tiers is not None
+        parts = self._in_parts(request, waiting.promotions)
+        if parts is not None:
+            return await self._retrieve_in_parts(request, *parts)
         try:
             await tiers.wait(waiting.promotions)
             job = self._admit(request)
         finally:
             tiers.after_retrieve(waiting.promotions)
         return await self._serve_data(request, job)
+
+    def _in_parts(
+        self, request: Request, promotions: list[Promotion]
+    ) -> tuple[Retrieve, list[list[Promotion]]] | None:
+        """A RETRIEVE that can be copied in parts as its chunks arrive (into
+        a host-path KV cache: a CUDA reply carries one event recorded after
+        every copy, so those wait for all their chunks): its chunk-addressed
+        form and each chunk's promotions; None for any other."""
+        try:
+            if isinstance(request, RetrieveSpan):
+                full = self._span_retrieve(request)
+            elif isinstance(request, Retrieve):
+                full = request
+            else:
+                return None
+            if self.scheduler.instance(full.instance_id).kind != "host":
+                return None
+        except LmcdError:
+            return None  # refused at admission, as any other
+        waits: list[list[Promotion]] = [[] for _ in full.keys]
+        j = 0
+        for i, key in enumerate(full.keys):
+            for rank_key in key.ranks():
+                if j < len(promotions) and promotions[j].key == rank_key:
+                    waits[i].append(promotions[j])
+                    j += 1
+        if j < len(promotions):
+            return None  # not in request order: wait for them all
+        return full, waits
+
+    async def _retrieve_in_parts(
+        self, request: Request, full: Retrieve, waits: list[list[Promotion]]
+    ) -> CopyResult:
+        """Serve a RETRIEVE whose chunks are being promoted in parts: each
+        leading run of chunks that have arrived is admitted and copied while
+        the later ones arrive. The reply is what one RETRIEVE admitted once
+        they all had arrived would get: the leading chunks found, ended by a
+        promotion that failed or ran past `promotion_timeout`; a
+        token-addressed RETRIEVE gives up its locks as `_serve_data` does."""
+        tiers = self.tiers
+        assert tiers is not None
+        started = time.perf_counter()
+        keys = full.keys
+        n = len(keys)
+        size = self.chunk_size
+        deadline = trio.current_time() + tiers.promotion_timeout
+        start = found = pinned = given = 0
+        instance: Instance | None = None
+        try:
+            while start < n:
+                if not await _arrived(waits[start], deadline):
+                    self._log_limit.warning(
+                        "chunk promotions still running after --promotion-timeout "
+                        "%g s: those chunks are misses",
+                        tiers.promotion_timeout,
+                    )
+                    break
+                end = start + 1
+                while end < n and all(p.done.is_set() for p in waits[end]):
+                    end += 1
+                if instance is None:
+                    if self._closing:
+                        raise TransferError("not started: shutting down")
+                    instance = self.scheduler.check_retrieve(full)
+                per = instance.blocks_per_chunk
+                part = Retrieve(
+                    keys[start:end],
+                    full.instance_id,
+                    full.block_ids[start * per : end * per],
+                    full.event_handle,
+                    skip_tokens=max(0, full.skip_tokens - start * size),
+                )
+                job = self.scheduler.admit_retrieve(part, part=True)
+                pinned += len(job.pin.entries)
+                # Pinned: the promotions' own locks can go (before the
+                # copy, whose end gives up the lookup's lock).
+                tiers.give_back([p for w in waits[start:end] for p in w])
+                given = end
+                result = await self.scheduler.run_retrieve(job)
+                found += result.found
+                if result.found < end - start:
+                    break
+                start = end
+        finally:
+            tiers.give_back([p for w in waits[given:] for p in w])
+            if isinstance(request, RetrieveSpan):
+                self._release_span(request, found)
+            if instance is not None:
+                self.scheduler.retrieve_parts(n, pinned, found, started)
+        return CopyResult(found == n, None, found)
 
     async def _serve_data(self, request: Request, job: _Admitted | None) -> object:
         if isinstance(job, PoolJob):  # engine-driven pools
@@ -829,6 +929,15 @@ _DATA_PLANE = (
     CommitStore,
     PrepareRetrieve,
 )
+
+
+async def _arrived(promotions: list[Promotion], deadline: float) -> bool:
+    """Wait (until `deadline`, Trio time) for `promotions` to finish;
+    whether they all did."""
+    with trio.move_on_at(deadline):
+        for p in promotions:
+            await p.done.wait()
+    return all(p.done.is_set() for p in promotions)
 
 
 def _copied_bytes(job: object) -> int | None:

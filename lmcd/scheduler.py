@@ -243,6 +243,8 @@ class RetrieveJob:
     # them): the request's skipped tokens. Pinned chunks that are skipped
     # whole are not in `chunks` but count as retrieved.
     skip: list[int] = attrs.field(factory=list)
+    # One part of a RETRIEVE served in parts: not logged on its own.
+    part: bool = False
 
 
 @attrs.define(slots=True)
@@ -589,9 +591,11 @@ class TransferScheduler:
 
     # -- retrieve ------------------------------------------------------------
 
-    def admit_retrieve(self, request: Retrieve) -> RetrieveJob:
+    def admit_retrieve(self, request: Retrieve, part: bool = False) -> RetrieveJob:
         """Admit a RETRIEVE in arrival order: validate it, pin the leading
         committed chunks and count it in flight (see `admit_store`).
+        `part`: one part of a RETRIEVE served in parts (`retrieve_parts`),
+        neither counted in the statistics nor logged on its own.
 
         Raises `TransferError` for an unknown instance or bad block ids.
         """
@@ -600,7 +604,10 @@ class TransferScheduler:
         plan = self._plan(instance, request.keys, request.block_ids)
         layout = instance.layout
         pin = self.storage.pin(
-            request.keys, layout.chunk_bytes(self.chunk_size), layout.tag
+            request.keys,
+            layout.chunk_bytes(self.chunk_size),
+            layout.tag,
+            counted=not part,
         )
         size = self.chunk_size
         skip = request.skip_tokens
@@ -621,7 +628,25 @@ class TransferScheduler:
             firsts = [max(0, skip - i * size) for i in range(whole, len(pin.entries))]
         if pin.entries:
             self._begin(instance)
-        return RetrieveJob(instance, request, pin, chunks, started, firsts)
+        return RetrieveJob(instance, request, pin, chunks, started, firsts, part)
+
+    def check_retrieve(self, request: Retrieve) -> Instance:
+        """Validate a RETRIEVE as `admit_retrieve` does, pinning nothing:
+        its instance (raises `TransferError` for an unknown one or bad
+        block ids)."""
+        instance = self.instance(request.instance_id)
+        self._plan(instance, request.keys, request.block_ids)
+        return instance
+
+    def retrieve_parts(
+        self, asked: int, pinned: int, copied: int, started: float
+    ) -> None:
+        """Count and log, once, a RETRIEVE of `asked` chunks served in parts
+        (each admitted with `part=True`): `pinned` were found, `copied`
+        were copied."""
+        self.storage.count_retrieve(asked, pinned)
+        if copied:
+            self._log("Retrieved", copied, started)
 
     async def run_retrieve(self, job: RetrieveJob) -> CopyResult:
         """Copy an admitted RETRIEVE's chunks into their blocks, then unpin;
@@ -639,7 +664,7 @@ class TransferScheduler:
             return CopyResult(n == len(request.keys), None, n)
 
         def finish(completed: bool) -> None:
-            if completed:
+            if completed and not job.part:
                 self._log("Retrieved", n, job.started)
             self.storage.unpin(pin, completed=completed)
 

@@ -407,12 +407,14 @@ class StorageManager:
             entry.lock_expiry = expiry
             order[entry] = None
 
-    def pin(self, keys: Sequence[CacheKey], nbytes: int, layout: str) -> Pin:
+    def pin(
+        self, keys: Sequence[CacheKey], nbytes: int, layout: str, counted: bool = True
+    ) -> Pin:
         """Pin the leading committed `keys` (of this size and layout) for a
-        RETRIEVE; the rest are reported missing. Raises `ValueError` for a key
-        without a worker id."""
+        RETRIEVE; the rest are reported missing. `counted=False`: one part
+        of a RETRIEVE served in parts, counted once by `count_retrieve`.
+        Raises `ValueError` for a key without a worker id."""
         self.expire_locks()
-        self._c.retrieves += 1
         entries: list[Entry] = []
         index = self._index
         committed = State.COMMITTED
@@ -434,8 +436,15 @@ class StorageManager:
                 self._pinned += 1
                 discard(entry.key)
             entry.pins += 1
-        self._c.retrieve_miss_chunks += len(keys) - len(entries)
+        if counted:
+            self.count_retrieve(len(keys), len(entries))
         return Pin(tuple(entries))
+
+    def count_retrieve(self, asked: int, found: int) -> None:
+        """Count one RETRIEVE of `asked` chunks that found `found` (the
+        statistics a pin counts, for a RETRIEVE pinned in parts)."""
+        self._c.retrieves += 1
+        self._c.retrieve_miss_chunks += asked - found
 
     def hold(self, entries: Sequence[Entry]) -> Pin:
         """Keep committed `entries` from eviction while a background copy

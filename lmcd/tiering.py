@@ -509,6 +509,15 @@ class Tiering:
         if keys:
             self.storage.release(keys, 1)
 
+    def give_back(self, promotions: Sequence[Promotion]) -> None:
+        """Give back the lock `before_retrieve` added on each of
+        `promotions`, finished or not (a retrieve that stopped waiting for
+        them, or has pinned what arrived)."""
+        for p in promotions:
+            if not p.done.is_set():
+                p.locks -= 1
+        self.after_retrieve(promotions)
+
     def clear(self) -> int:
         """CLEAR: forget every disk chunk not being read and delete the files
         in the background (the remote tier is shared: never cleared)."""
@@ -712,6 +721,25 @@ class Tiering:
     async def _promote(self, source: str, batch: list[Promotion]) -> None:
         tier = self.disk if source == "disk" else self.remote
         assert tier is not None
+        if source == "disk" and len(batch) > 1:
+            # One read per chunk, in request order, as many at once as the
+            # tier has threads, each committed as soon as it verifies: a
+            # RETRIEVE copies the leading chunks while the rest arrive.
+            queue = iter(batch)
+
+            async def reader() -> None:
+                for p in queue:
+                    await self._promote(source, [p])
+
+            workers = min(len(batch), max(1, int(getattr(tier, "threads", 4))))
+            try:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(workers):
+                        nursery.start_soon(reader)
+            finally:
+                for p in queue:  # never started (a reader failed)
+                    self._finish_promotion(p, False)
+            return
         results = [False] * len(batch)
         try:
             items = [(p.oid, _payload(self.storage, p.entry)) for p in batch]

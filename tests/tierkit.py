@@ -160,11 +160,13 @@ def disk_usage(path: Path) -> int:
 @attrs.define(eq=False)
 class MemoryTier:
     """A `CopyTier` in a dict. `gate`, when set, holds every `get_into` and
-    `put` until it is set; `fail` ids are read as misses; `calls` counts."""
+    `put` until it is set; `held[id]` holds a `get_into` of that id until
+    set; `fail` ids are read as misses; `calls` counts."""
 
     name: str = "memory"
     objects: dict[Any, bytes] = attrs.field(factory=dict)
     gate: trio.Event | None = None
+    held: dict[Any, trio.Event] = attrs.field(factory=dict)
     put_gate: trio.Event | None = None
     fail: set[Any] = attrs.field(factory=set)
     calls: dict[str, int] = attrs.field(factory=dict)
@@ -191,6 +193,9 @@ class MemoryTier:
         self._count("get_into")
         if self.gate is not None:
             await self.gate.wait()
+        for oid, _ in items:
+            if oid in self.held:
+                await self.held[oid].wait()
         await trio.lowlevel.checkpoint()
         out = []
         for oid, buf in items:
