@@ -1,9 +1,12 @@
-"""Test doubles: a tier with bookkeeping but no memory, and a settable clock."""
+"""Test doubles: a tier with bookkeeping but no memory, a settable clock, and a
+dialect whose requests a test hands over."""
 
 from __future__ import annotations
 
 import attrs
 
+from lmcd.wire.dialect import Message
+from lmcd.wire.types import Request
 from lmcd_backends.arena import Arena, arena_statistics
 from lmcd_backends.protocol import Extent, TierStatistics
 
@@ -50,3 +53,27 @@ class ArenaTier:
 
     def statistics(self) -> TierStatistics:
         return arena_statistics(self.arena)
+
+
+@attrs.define
+class ScriptedDialect:
+    """A dialect whose requests the test hands over by uid (`requests`):
+    a result is recorded in `results` and answered `[uid, b"ok"]`; a
+    failure is answered `[uid, b"failed"]` and records nothing."""
+
+    name: str = "scripted"
+    requests: dict[bytes, Request] = attrs.field(factory=dict)
+    results: dict[bytes, object] = attrs.field(factory=dict)
+
+    def plausible(self, message: Message) -> bool:
+        return True
+
+    def decode(self, message: Message) -> Request:
+        return self.requests[message.uid]
+
+    def encode(self, message: Message, request: Request, result: object) -> list[bytes]:
+        self.results[message.uid] = result
+        return [message.uid, b"ok"]
+
+    def failure(self, message: Message, request: Request | None) -> list[bytes] | None:
+        return [message.uid, b"failed"]

@@ -38,7 +38,6 @@ from lmcd.tokens import TokenHasher
 from lmcd.transfer.host import SHM_ROOT
 from lmcd.transfer.layouts import KVLayout
 from lmcd.wire.detect import DialectRouter
-from lmcd.wire.dialect import Message
 from lmcd.wire.types import (
     CommitRetrieve,
     CommitStore,
@@ -58,6 +57,7 @@ from lmcd.wire.types import (
     UnregisterPool,
 )
 from lmcd_backends.pinned_cpu import PinnedCpuTier
+from tests.fakes import ScriptedDialect
 
 CHUNK = 16
 LAYERS = 2
@@ -789,28 +789,6 @@ async def test_heartbeats_and_reaping(pools: EnginePools) -> None:
 
 
 # -- through the handlers -----------------------------------------------------
-
-
-@attrs.define
-class ScriptedDialect:
-    """A dialect whose messages are requests the test hands it by uid."""
-
-    name: str = "scripted"
-    requests: dict[bytes, Request] = attrs.field(factory=dict)
-    results: dict[bytes, object] = attrs.field(factory=dict)
-
-    def plausible(self, message: Message) -> bool:
-        return True
-
-    def decode(self, message: Message) -> Request:
-        return self.requests[message.uid]
-
-    def encode(self, message: Message, request: Request, result: object) -> list[bytes]:
-        self.results[message.uid] = result
-        return [message.uid, b"ok"]
-
-    def failure(self, message: Message, request: Request | None) -> list[bytes] | None:
-        return [message.uid, b"failed"]
 
 
 @attrs.define

@@ -31,7 +31,6 @@ from lmcd.tokens import TokenHasher
 from lmcd.transfer.completion import Finished
 from lmcd.transfer.layouts import KVLayout
 from lmcd.wire.detect import DialectRouter
-from lmcd.wire.dialect import Message
 from lmcd.wire.types import (
     CacheKey,
     CopyResult,
@@ -43,7 +42,7 @@ from lmcd.wire.types import (
     TokenSpan,
 )
 from lmcd_backends.pinned_cpu import PinnedCpuTier
-from tests.fakes import FakeClock
+from tests.fakes import FakeClock, ScriptedDialect
 from tests.tierkit import MemoryTier
 
 CHUNK = 256  # tokens
@@ -99,29 +98,6 @@ class RecordingCopier:
 
 
 @attrs.define
-class Scripted:
-    """A dialect whose requests the test hands over by uid."""
-
-    name: str = "scripted"
-    requests: dict[bytes, Request] = attrs.field(factory=dict)
-    results: dict[bytes, object] = attrs.field(factory=dict)
-
-    def plausible(self, message: Message) -> bool:
-        return True
-
-    def decode(self, message: Message) -> Request:
-        return self.requests[message.uid]
-
-    def encode(self, message: Message, request: Request, result: object) -> list[bytes]:
-        self.results[message.uid] = result
-        return [message.uid]
-
-    def failure(self, message: Message, request: Request | None) -> list[bytes] | None:
-        self.results[message.uid] = "failed"
-        return [message.uid]
-
-
-@attrs.define
 class Served:
     def serves(self, model_name: str, world_size: int) -> bool:
         return True
@@ -137,7 +113,7 @@ class Rig:
     disk: MemoryTier
     sessions: Sessions
     copier: RecordingCopier
-    dialect: Scripted
+    dialect: ScriptedDialect
     handlers: Handlers
     nursery: trio.Nursery
     replies: dict[bytes, trio.Event] = attrs.field(factory=dict)
@@ -153,7 +129,7 @@ class Rig:
 
     def result(self, done: trio.Event) -> object:
         uid = next(u for u, e in self.replies.items() if e is done)
-        return self.dialect.results[uid]
+        return self.dialect.results.get(uid, "failed")
 
     async def call(self, request: Request) -> object:
         done = self.send(request)
@@ -211,7 +187,7 @@ async def rig(promotion_timeout: float = 10) -> AsyncIterator[Rig]:
     copier = RecordingCopier()
     instance = Instance(INSTANCE, "host", FakeKV(), PER, copier=copier)  # type: ignore[arg-type]
     scheduler.attach(instance)
-    dialect = Scripted()
+    dialect = ScriptedDialect()
     replies: dict[bytes, trio.Event] = {}
     handlers = Handlers(
         storage,

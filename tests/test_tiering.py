@@ -26,11 +26,10 @@ from lmcd.storage import StorageManager
 from lmcd.tiering import Policy, Tiering, object_id
 from lmcd.tokens import TokenHasher
 from lmcd.wire.detect import DialectRouter
-from lmcd.wire.dialect import Message
 from lmcd.wire.types import QueryLookup, Request, StartLookup, TokenSpan
 from lmcd_backends.disk.format import file_size
 from lmcd_backends.pinned_cpu import PinnedCpuTier
-from tests.fakes import FakeClock
+from tests.fakes import FakeClock, ScriptedDialect
 from tests.tierkit import (
     CHUNK_BYTES,
     EVENT,
@@ -306,28 +305,6 @@ async def test_stats_and_metrics_report_every_tier(tmp_path: Path) -> None:
 
 
 @attrs.define
-class Scripted:
-    """A dialect whose requests the test hands over by uid."""
-
-    name: str = "scripted"
-    requests: dict[bytes, Request] = attrs.field(factory=dict)
-    results: dict[bytes, object] = attrs.field(factory=dict)
-
-    def plausible(self, message: Message) -> bool:
-        return True
-
-    def decode(self, message: Message) -> Request:
-        return self.requests[message.uid]
-
-    def encode(self, message: Message, request: Request, result: object) -> list[bytes]:
-        self.results[message.uid] = result
-        return [message.uid]
-
-    def failure(self, message: Message, request: Request | None) -> list[bytes] | None:
-        return [message.uid]
-
-
-@attrs.define
 class Served:
     model_name: str = "m"
 
@@ -348,7 +325,7 @@ class JobRig:
     disk: MemoryTier
     sessions: Sessions
     handlers: Handlers
-    dialect: Scripted
+    dialect: ScriptedDialect
     replies: dict[bytes, trio.Event] = attrs.field(factory=dict)
     uids: Any = attrs.field(factory=lambda: itertools.count(1))
 
@@ -362,7 +339,7 @@ class JobRig:
         sessions = Sessions(TokenHasher(chunk), time.monotonic)
         scheduler = TransferScheduler(storage, chunk)
         scheduler.peers.append(Served())
-        dialect = Scripted()
+        dialect = ScriptedDialect()
         replies: dict[bytes, trio.Event] = {}
         handlers = Handlers(
             storage,
