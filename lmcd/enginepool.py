@@ -610,34 +610,22 @@ class EnginePools:
                 "engine-driven transfers are off (--pool-size 0); run the worker "
                 "with lmcache.mp.mp_transfer_mode=lmcache_driven"
             )
-        layout, shape = self._layout(request)
-        if len(self._instances) >= self.max_pools:
-            raise RegistrationError(
-                f"{len(self._instances)} engine-driven workers hold pools already "
-                f"(at most {self.max_pools}, a fixed limit)"
-            )
-        instance = PoolInstance(
-            request.instance_id,
-            request.model_name,
-            request.world_size,
-            layout,
-            layout.chunk_bytes(self.chunk_size),
-            shape,
-            self.clock(),
-            pings=request.pings,
-        )
+        instance = self._new_instance(request, "hold pools")
         self._instances[request.instance_id] = instance
         self._begin(instance)
         return PoolJob("create", instance)
 
-    def _register_inline(self, request: RegisterPool) -> PoolJob:
+    def _new_instance(self, request: RegisterPool, held: str) -> PoolInstance:
+        """A worker's instance record (not yet listed), within the limit on
+        engine-driven workers; `held` says what the others do in the
+        refusal ("hold pools", "are registered")."""
         layout, shape = self._layout(request)
         if len(self._instances) >= self.max_pools:
             raise RegistrationError(
-                f"{len(self._instances)} engine-driven workers are registered "
-                f"already (at most {self.max_pools}, a fixed limit)"
+                f"{len(self._instances)} engine-driven workers {held} already "
+                f"(at most {self.max_pools}, a fixed limit)"
             )
-        instance = PoolInstance(
+        return PoolInstance(
             request.instance_id,
             request.model_name,
             request.world_size,
@@ -646,8 +634,11 @@ class EnginePools:
             shape,
             self.clock(),
             pings=request.pings,
-            inline=True,
+            inline=request.inline,
         )
+
+    def _register_inline(self, request: RegisterPool) -> PoolJob:
+        instance = self._new_instance(request, "are registered")
         instance.ready.set()
         self._instances[request.instance_id] = instance
         self.counters.registered += 1
