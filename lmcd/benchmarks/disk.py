@@ -237,7 +237,8 @@ trio.run(main)
 """
 
 
-def _drop_caches() -> bool:
+def drop_caches() -> bool:
+    """Flush and drop the page cache (root only); False if it could not."""
     try:
         os.sync()
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -250,7 +251,7 @@ def _restart_once(
     root: Path, chunks: int, chunk: int, cold: bool
 ) -> tuple[float, float]:
     if cold:
-        _drop_caches()
+        drop_caches()
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     out = subprocess.run(
         [sys.executable, "-c", _RESTART, str(root), str(chunks), str(chunk)],
@@ -277,7 +278,7 @@ def restart(root: Path, chunks: int, chunk: int, drop: bool) -> Restart:
         await tier.aclose()
 
     trio.run(fill)
-    cold = drop and _drop_caches()
+    cold = drop and drop_caches()
     open_s, process_s = _restart_once(tier_dir, chunks, chunk, cold)
     (tier_dir / disk_io.JOURNAL).unlink()
     lost, _ = _restart_once(tier_dir, chunks, chunk, cold)

@@ -48,6 +48,7 @@ from lmcd.bench import (
     lookup_payloads,
     prefill_lookup_keys,
 )
+from lmcd.benchmarks.disk import drop_caches
 from lmcd.client import Client, Unreachable
 from lmcd.spawn import free_port, serve_command, stop, wait_ready
 from lmcd.wire.lmcache03 import RequestType
@@ -183,15 +184,6 @@ def disk_settled(client: Client) -> bool:
     return bool(disk["dirty_chunks"] == 0 and disk["queue_depth"] == 0)
 
 
-def _drop_caches() -> bool:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
-
-
 # -- disk retrieve ----------------------------------------------------------------
 
 
@@ -258,7 +250,7 @@ def disk_retrieve(root: Path, n: int, rounds: int, threads: int) -> DiskRetrieve
     base.mkdir()
     direct = disk_io.probe_direct(str(base))
     baseline_write(base, chunk, n, threads, direct)
-    _drop_caches()
+    drop_caches()
     read = baseline_read(base, chunk, n, threads, direct)
     return DiskRetrieve(n, chunk, statistics.median(times), read, direct)
 
@@ -448,7 +440,7 @@ def restart(root: Path, n: int) -> Restart:
         # The chunk files and the index are cold; the interpreter and its
         # imports are warmed first (they are the same with or without a
         # disk tier: `plain_start_s` measures them).
-        cold = _drop_caches()
+        cold = drop_caches()
         plain = _plain_start()
         started = time.perf_counter()
         port = free_port()

@@ -259,7 +259,7 @@ class DialectRouter:
             return decoded[0]
         if decoded and all(r.request == decoded[0].request for r in decoded):
             # Every dialect reads it as the same request: serve it without
-            # binding (the reply is the same in each; see `_same_reply`).
+            # binding (the reply is the same in each; see `_same_shape`).
             first = decoded[0]
             if all(_same_shape(first.dialect, r.dialect, message, r) for r in decoded):
                 return first
