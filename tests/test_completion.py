@@ -292,3 +292,35 @@ async def test_failed_retrieve_unpins_but_keeps_the_lookup_lock(
         assert (stats.pinned_chunks, stats.locked_chunks) == (0, 1)
         assert stats.retrieved_chunks == 0
         assert r.instance.inflight == 0
+
+
+async def test_registration_turns_run_in_arrival_order_whoever_starts_first() -> None:
+    """REGISTER/UNREGISTER of one id take effect in the order they arrived
+    (their turns), not in the order Trio happens to start their tasks."""
+    async with rig() as r:
+        first = r.scheduler.take_turn(7)
+        second = r.scheduler.take_turn(7)
+        other = r.scheduler.take_turn(8)  # another id: never waits on 7's
+        ran: list[str] = []
+
+        async def hold(name: str, turn: Any, release: trio.Event) -> None:
+            async with r.scheduler.turn(turn):
+                ran.append(name)
+                await release.wait()
+
+        go_first, go_second, go_other = trio.Event(), trio.Event(), trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hold, "second", second, go_second)
+            nursery.start_soon(hold, "other", other, go_other)
+            await trio.testing.wait_all_tasks_blocked()
+            assert ran == ["other"]  # the second waits for the first
+            nursery.start_soon(hold, "first", first, go_first)
+            await trio.testing.wait_all_tasks_blocked()
+            assert ran == ["other", "first"]
+            go_first.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert ran == ["other", "first", "second"]
+            go_second.set()
+            go_other.set()
+        # Every turn over: no id's queue is left behind.
+        assert r.scheduler.take_turn(7).after is None
