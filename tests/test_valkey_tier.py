@@ -174,6 +174,49 @@ def test_bulk_read_checksums_what_arrives_in_pieces() -> None:
         theirs.close()
 
 
+def test_bulk_read_over_tcp_wakes_for_large_pieces_and_resets_the_mark() -> None:
+    """Over TCP a large bulk, fed slowly in small writes, is received with
+    the socket's low-water mark raised (SO_RCVLOWAT); once it is read the
+    mark is back to 1, so that the small reply after it is
+    read at once (a mark left at 1 MiB would wait for bytes that never
+    come, until the deadline)."""
+    from crc32c import crc32c
+
+    from lmcd_backends.remote import resp
+
+    data = random.Random(8).randbytes(3 * MiB + 5)
+    stream = b"$%d\r\n" % len(data) + data + b"\r\n" + b"+OK\r\n"
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        conn = resp.Connection("127.0.0.1", server.getsockname()[1])
+        conn.connect(time.monotonic() + 5)
+        theirs, _ = server.accept()
+
+    def feed() -> None:
+        for pos in range(0, len(stream), 200_000):
+            theirs.sendall(stream[pos : pos + 200_000])
+            time.sleep(0.002)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        sock = conn._sock
+        assert sock is not None
+        view = memoryview(bytearray(len(data)))
+        assert conn.read_bulk_crc32c(view, time.monotonic() + 30) == (
+            len(data),
+            crc32c(data),
+        )
+        assert bytes(view) == data
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+        started = time.monotonic()
+        assert conn.read_reply(time.monotonic() + 2) == "OK"
+        assert time.monotonic() - started < 1
+    finally:
+        feeder.join()
+        conn.close()
+        theirs.close()
+
+
 # -- on a shared cluster and a standalone server ---------------------------------
 
 SIZES = [4 * KiB, 4 * KiB + 1, MiB, 4 * MiB, 4 * MiB + 1, 32 * MiB]

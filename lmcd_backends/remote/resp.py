@@ -28,6 +28,12 @@ _READ_CHUNK = 64 * 1024
 # Small pieces of a command are joined before sending; larger ones are
 # sent from where they lie.
 _JOIN_BELOW = 16 * 1024
+# A large bulk payload is received in pieces of at least this much (the
+# socket's low-water mark, SO_RCVLOWAT, on plain TCP): loopback delivers
+# 64 KiB at a time, and one receive per piece cost more Python per byte
+# than the copy itself.
+_RECEIVE_AT_LEAST = 1 << 20
+_SO_RCVLOWAT: int | None = getattr(socket, "SO_RCVLOWAT", None)
 
 
 class ConnectionFailed(Exception):
@@ -313,8 +319,16 @@ class Connection:
         if got == len(view):
             return crc
         sock = self._require()
+        # Wake for no less than a large piece (TLS: the mark would count
+        # encrypted bytes, so not there).
+        lowat = 1
+        mark = None if isinstance(sock, ssl.SSLSocket) else _SO_RCVLOWAT
         try:
             while got < len(view):
+                want = min(len(view) - got, _RECEIVE_AT_LEAST)
+                if mark is not None and want != lowat:
+                    sock.setsockopt(socket.SOL_SOCKET, mark, want)
+                    lowat = want
                 sock.settimeout(_remaining(deadline))
                 n = sock.recv_into(view[got:])
                 if n == 0:
@@ -322,6 +336,8 @@ class Connection:
                 if checksum:
                     crc = _crc32c(view[got : got + n], crc)
                 got += n
+            if mark is not None and lowat != 1:
+                sock.setsockopt(socket.SOL_SOCKET, mark, 1)
         except TimeoutError as e:
             raise ConnectionFailed("receive timed out", timeout=True) from e
         except OSError as e:

@@ -9,6 +9,7 @@ buffer (cancellation waits for it, and it ends by its deadline).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import ssl
@@ -423,58 +424,70 @@ class ValkeyTier:
     async def get_into(self, items: Sequence[tuple[ObjectId, Any]]) -> list[bool]:
         """Fill each buffer with its verified chunk; False (buffer contents
         unspecified) for a miss, a damaged chunk, a failure, or a node that
-        is down. The chunks of each node go in batches (about `read_threads`
-        in all, every node at once), each batch on one connection with all
-        its requests pipelined."""
+        is down.
+
+        Up to `read_threads` threads take the chunks from one queue, in
+        request order, each the next one whatever its node: every thread
+        stays busy to the end (fixed per-node batches left a thread or two
+        finishing the largest ones alone), a stalled node holds up only the
+        chunk being read from it, and the leading chunks arrive first."""
         views = [_view(buf, oid, writable=True) for oid, buf in items]
         async with self._call():
             out = [False] * len(items)
-
-            async def batch(node: Node, indexes: list[int]) -> None:
+            ids = [oid for oid, _ in items]
+            node_of: dict[int, Node] = {}
+            for node, indexes in self._group(range(len(items)), ids):
                 if node.down:  # fail fast, without even a thread
                     self._counters.fast_fails += len(indexes)
-                    return
-                work = [
-                    (items[i][0], views[i], self._recall(items[i][0])) for i in indexes
-                ]
-                nbytes = sum(items[i][0].nbytes for i in indexes)
-                outcomes = await self._run(
-                    self._read_limiter,
-                    lambda: self._client.get_chunks(node, work, self._deadline(nbytes)),
-                    len(indexes),
-                )
-                for i, outcome in zip(indexes, outcomes, strict=True):
-                    oid = items[i][0]
-                    if outcome is Outcome.HIT:
-                        out[i] = True
-                        self._counters.hits += 1
-                        self._counters.read_bytes += oid.nbytes
-                    elif outcome is Outcome.MISS:
-                        self._counters.misses += 1
-                    else:
-                        self._counters.failure(outcome)
-                        self._note(outcome, oid, "read")
+                    continue
+                for i in indexes:
+                    node_of[i] = node
+            # Manifests recalled here: the memo is the Trio thread's.
+            memos = {i: self._recall(ids[i]) for i in node_of}
+            queue = collections.deque(sorted(node_of))
+            outcomes: dict[int, Outcome] = {}
 
-            async with trio.open_nursery() as nursery:
-                for node, indexes in self._batches(items):
-                    nursery.start_soon(batch, node, indexes)
+            def reader() -> None:  # a worker thread
+                while True:
+                    try:
+                        i = queue.popleft()  # atomic: threads share the queue
+                    except IndexError:
+                        return
+                    oid = ids[i]
+                    (outcomes[i],) = self._client.get_chunks(
+                        node_of[i],
+                        [(oid, views[i], memos[i])],
+                        self._deadline(oid.nbytes),
+                    )
+
+            async def stop_when_cancelled() -> None:
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    queue.clear()  # each thread ends after its chunk
+
+            self._queued += len(node_of)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(stop_when_cancelled)
+                    async with trio.open_nursery() as readers:
+                        for _ in range(min(self.read_threads, len(queue))):
+                            readers.start_soon(self._run, self._read_limiter, reader, 0)
+                    nursery.cancel_scope.cancel()
+            finally:
+                self._queued -= len(node_of)
+            for i, outcome in sorted(outcomes.items()):
+                oid = ids[i]
+                if outcome is Outcome.HIT:
+                    out[i] = True
+                    self._counters.hits += 1
+                    self._counters.read_bytes += oid.nbytes
+                elif outcome is Outcome.MISS:
+                    self._counters.misses += 1
+                else:
+                    self._counters.failure(outcome)
+                    self._note(outcome, oid, "read")
             return out
-
-    def _batches(
-        self, items: Sequence[tuple[ObjectId, Any]]
-    ) -> list[tuple[Node, list[int]]]:
-        """`items`' indexes by node, each node's split into batches so that
-        there are about `read_threads` batches in all, in proportion to each
-        node's bytes (at least one per node)."""
-        ids = [oid for oid, _ in items]
-        groups = self._group(range(len(items)), ids)
-        total = sum(o.nbytes for o in ids) or 1
-        out: list[tuple[Node, list[int]]] = []
-        for node, indexes in groups:
-            share = sum(ids[i].nbytes for i in indexes) / total
-            n = max(1, min(len(indexes), round(self.read_threads * share)))
-            out += [(node, indexes[k::n]) for k in range(n)]
-        return out
 
     async def put(self, items: Sequence[tuple[ObjectId, Any]]) -> list[bool]:
         """Store each chunk unless the cluster already holds it (True either
