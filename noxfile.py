@@ -101,11 +101,18 @@ def install(session: nox.Session, *extras: str, lmcache: str | None = None) -> N
         session.install("--no-deps", lmcache)
 
 
+def basetemp(session: nox.Session) -> list[str]:
+    """pytest's temporary directories inside the session's own folder: a
+    shared /tmp/pytest-of-USER is cleaned by every pytest run, and one that
+    ends while another is writing there fails on "directory not empty"."""
+    return ["--basetemp", os.path.join(session.create_tmp(), "pytest")]
+
+
 @nox.session(python="3.11")
 def tests(session: nox.Session) -> None:
     """Unit and integration tests (GPU tests skip without CUDA)."""
     install(session, "test", lmcache=LMCACHE_CLIENT)
-    session.run("pytest", *session.posargs, env=peer_env(session))
+    session.run("pytest", *basetemp(session), *session.posargs, env=peer_env(session))
 
 
 def install_lmcache(session: nox.Session, release: str = LMCACHE_05) -> None:
@@ -124,21 +131,33 @@ def install_lmcache05(session: nox.Session) -> None:
 def tests_lmcache05(session: nox.Session) -> None:
     """lmcache 0.5.6's real adapters against its own server and lmcd (CPU)."""
     install_lmcache05(session)
-    session.run("pytest", "tests/lmcache05", *session.posargs)
+    session.run("pytest", "tests/lmcache05", *basetemp(session), *session.posargs)
 
 
 @nox.session(python="3.11")
 def tests_lmcache046(session: nox.Session) -> None:
     """lmcache 0.4.6's real adapters against its own server and lmcd (CPU)."""
     install_lmcache(session, LMCACHE_046)
-    session.run("pytest", "tests/lmcache04", *session.posargs, env=peer_env(session))
+    session.run(
+        "pytest",
+        "tests/lmcache04",
+        *basetemp(session),
+        *session.posargs,
+        env=peer_env(session),
+    )
 
 
 @nox.session(python="3.11")
 def tests_lmcache047(session: nox.Session) -> None:
     """lmcache 0.4.7's real adapters against its own server and lmcd (CPU)."""
     install_lmcache(session, LMCACHE_047)
-    session.run("pytest", "tests/lmcache04", *session.posargs, env=peer_env(session))
+    session.run(
+        "pytest",
+        "tests/lmcache04",
+        *basetemp(session),
+        *session.posargs,
+        env=peer_env(session),
+    )
 
 
 @nox.session(python="3.11")
