@@ -119,6 +119,11 @@ class HostKV:
             head_size=shape.head_size,
             dtype=shape.dtype,
             name="tierbench",
+            # One file per layer, as lmcache 0.5's cpu_shm workers share
+            # theirs and as `lmcd.bench` does: the kernel serializes writes
+            # into one file, so a single file would hold every RETRIEVE to
+            # one copy thread.
+            file_per_layer=True,
         )
         try:
             for layer in kv.layers:
