@@ -5,7 +5,9 @@ deadline. Trio's autojump clock stands in for the waits."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import msgspec
 import trio
@@ -32,6 +34,17 @@ PING_05 = [enc(8), enc(22), enc(12345)]
 PING_046 = [enc(8), enc(17)]
 
 
+@contextlib.asynccontextmanager
+async def _running() -> AsyncIterator[tuple[Handlers, list[list[bytes]]]]:
+    """Handlers of an `auto` daemon, running, and the replies they send."""
+    replies: list[list[bytes]] = []
+    handlers = _handlers(replies)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(handlers.run)
+        yield handlers, replies
+        nursery.cancel_scope.cancel()
+
+
 def _handlers(replies: list[list[bytes]]) -> Handlers:
     tier = PinnedCpuTier(1 << 20, segment_bytes=1 << 20, pin=False)
     storage = StorageManager(tier=tier, clock=time.monotonic)
@@ -49,10 +62,7 @@ def _handlers(replies: list[list[bytes]]) -> Handlers:
 async def test_a_held_status_query_is_answered_in_05s_shape_when_bound(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    replies: list[list[bytes]] = []
-    handlers = _handlers(replies)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(handlers.run)
+    async with _running() as (handlers, replies):
         handlers.on_message(b"s", STATUS)
         await trio.sleep(1)
         assert replies == []
@@ -68,16 +78,12 @@ async def test_a_held_status_query_is_answered_in_05s_shape_when_bound(
         assert stats["released_messages"] == 1
         assert stats["ambiguous_messages"] == 0
         assert stats["connections_by_dialect"]["lmcache-0.5"] == 1
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_held_end_session_is_answered_in_046s_shape_when_bound(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    replies: list[list[bytes]] = []
-    handlers = _handlers(replies)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(handlers.run)
+    async with _running() as (handlers, replies):
         handlers.on_message(b"w", STATUS)
         await trio.sleep(5)
         handlers.on_message(b"w", PING_046)
@@ -86,16 +92,12 @@ async def test_a_held_end_session_is_answered_in_046s_shape_when_bound(
         assert replies[0] == [b"w", enc(7), enc(9)]
         assert [r[1] for r in replies] == [enc(7), enc(8)]
         assert handlers.router.dialect_of(b"w") is lmcache04.DIALECTS[1]
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_message_held_past_its_deadline_is_dropped_and_counted(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    replies: list[list[bytes]] = []
-    handlers = _handlers(replies)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(handlers.run)
+    async with _running() as (handlers, replies):
         handlers.on_message(b"s", STATUS)
         await trio.sleep(HOLD - 1)
         assert handlers.stats()["held_messages"] == 1
@@ -106,4 +108,3 @@ async def test_a_message_held_past_its_deadline_is_dropped_and_counted(
         handlers.on_message(b"s", PING_05)
         await trio.lowlevel.checkpoint()
         assert [r[1] for r in replies] == [enc(8)]  # the query stays unanswered
-        nursery.cancel_scope.cancel()

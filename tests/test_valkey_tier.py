@@ -26,7 +26,6 @@ from lmcd.benchmarks.valkey_cluster import LocalCluster, free_ports, local_clust
 from lmcd.errors import ConfigError, TierError
 from lmcd_backends.protocol import ObjectId
 from lmcd_backends.remote import ValkeyTier, parse_url
-from lmcd_backends.remote import client as client_module
 from lmcd_backends.remote.layout import (
     KeySpace,
     Manifest,
@@ -507,27 +506,20 @@ async def test_damaged_chunks_are_misses(
         await tier.aclose()
 
 
-@pytest.mark.parametrize("window", ["all", "one chunk", "two chunks"])
-async def test_pipelined_batches_across_nodes_with_damaged_chunks(
-    valkey_cluster: LocalCluster,
-    prefix: str,
-    window: str,
-    monkeypatch: pytest.MonkeyPatch,
+async def test_reads_across_nodes_with_damaged_chunks(
+    valkey_cluster: LocalCluster, prefix: str
 ) -> None:
-    """Chunks of every node read in pipelined batches, without and with
-    manifests from `contains`, with every request sent at once or a window
-    of one or two chunks ahead: one damaged chunk per node (a part altered,
-    a part deleted, a part of another length) is a miss, and its neighbours
-    in the same batch, read before and after it on the same connection, are
-    bit-exact."""
-    ahead = {"all": client_module.PIPELINE_BYTES, "one chunk": 1}
-    monkeypatch.setattr(client_module, "PIPELINE_BYTES", ahead.get(window, MiB + 8))
+    """Chunks of every node read by the threads' shared queue, without and
+    with manifests from `contains`, each chunk's parts pipelined on one
+    connection: one damaged chunk per node (a part altered, a part deleted,
+    a part of another length) is a miss, and its neighbours, read before
+    and after it on the same connections, are bit-exact."""
     c = valkey_cluster
     tier = make(c, prefix, part_size=256 * KiB, read_threads=3)
     keys = tier._client.keys
     with trio.fail_after(TIMEOUT):
         ids = _spread(tier, c, 5, nbytes=MiB + 7)  # 5 per node, 5 parts each
-        # In the middle of each node's batch.
+        # In the middle of each node's chunks.
         damaged = [ids[2], ids[6], ids[13]]
 
         async def store_and_damage() -> None:

@@ -136,17 +136,25 @@ class DialectRouter:
         Raises `Ambiguous` when the connection is unbound and no single
         dialect can be chosen.
         """
-        if len(self.dialects) == 1:
-            return _decode(self.dialects[0], message)
-        dialect = self._bound.get(identity)
-        if dialect is not None:
-            self._bound.move_to_end(identity)
-            return _decode(dialect, message)
+        routed = self._read_bound(identity, message)
+        if routed is not None:
+            return routed
         try:
             return self._detect(identity, message)
         except Ambiguous:
             self.ambiguous_messages += 1
             raise
+
+    def _read_bound(self, identity: bytes, message: Message) -> Routed | None:
+        """`message` read by its connection's dialect (the only one, or the
+        one bound); None while the connection is unbound."""
+        if len(self.dialects) == 1:
+            return _decode(self.dialects[0], message)
+        dialect = self._bound.get(identity)
+        if dialect is None:
+            return None
+        self._bound.move_to_end(identity)
+        return _decode(dialect, message)
 
     def admit(self, identity: bytes, message: Message, now: float) -> list[Release]:
         """What to serve now that `message` arrived at time `now`, in order.
@@ -162,12 +170,9 @@ class DialectRouter:
         counted and not to be answered. Messages past their deadline are
         dropped first (see `expire`).
         """
-        if len(self.dialects) == 1:
-            return [Release(message, _decode(self.dialects[0], message))]
-        dialect = self._bound.get(identity)
-        if dialect is not None:
-            self._bound.move_to_end(identity)
-            return [Release(message, _decode(dialect, message))]
+        routed = self._read_bound(identity, message)
+        if routed is not None:
+            return [Release(message, routed)]
         self.expire(now)
         try:
             routed = self._detect(identity, message)

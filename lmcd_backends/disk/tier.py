@@ -395,19 +395,29 @@ class DiskTier:
                 for _, name, oid, view, _ in plan
             ]
             try:
-                outcomes: list[outcome.Outcome[Any] | None]
-                try:
-                    outcomes = list(await self._workers.run_all(calls))
-                except trio.Cancelled as e:
-                    outcomes = getattr(e, "outcomes", [None] * len(plan))
-                    self._wrote(plan, outcomes, results)
-                    raise
-                self._wrote(plan, outcomes, results)
+                await self._run_planned(
+                    calls, lambda done: self._wrote(plan, done, results)
+                )
             finally:
                 for _, name, _, _, write in plan:
                     self._finish_write(name, write)
             await self._maybe_compact()
             return results
+
+    async def _run_planned(
+        self,
+        calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]],
+        apply: Callable[[Sequence[outcome.Outcome[Any] | None]], None],
+    ) -> None:
+        """Run `calls` in the worker threads and `apply` their outcomes
+        (None for a call that never started), also when cancelled: what the
+        threads did is applied before `trio.Cancelled` goes on."""
+        try:
+            outcomes = list(await self._workers.run_all(calls))
+        except trio.Cancelled as e:
+            apply(getattr(e, "outcomes", [None] * len(calls)))
+            raise
+        apply(outcomes)
 
     def _wrote(
         self,
@@ -465,14 +475,9 @@ class DiskTier:
                 for _, name, e, view in plan
             ]
             try:
-                outcomes: list[outcome.Outcome[Any] | None]
-                try:
-                    outcomes = list(await self._workers.run_all(calls))
-                except trio.Cancelled as exc:
-                    outcomes = getattr(exc, "outcomes", [None] * len(plan))
-                    self._read(plan, outcomes, results)
-                    raise
-                self._read(plan, outcomes, results)
+                await self._run_planned(
+                    calls, lambda done: self._read(plan, done, results)
+                )
             finally:
                 self._queued -= len(plan)
             return results

@@ -39,9 +39,6 @@ log = logging.getLogger("lmcd.remote")
 
 # Idle connections kept per node (one per worker thread is enough).
 MAX_IDLE = 16
-# How far a batched read's requests may run ahead of the replies it has
-# read: bounds what one reader has the server queue for its connection.
-PIPELINE_BYTES = 64 << 20
 # Superseded or orphaned parts (of a lost race, or under a TTL) outlive
 # their manifest by this much, so that a reader that just read the manifest
 # still finds them.
@@ -501,10 +498,6 @@ class RemoteClient:
                 if m is Outcome.BAD_MANIFEST:
                     self._forget_broken(oid, reply, deadline)
                 return m
-            out: list[Buffer] = []
-            for key in self.keys.parts(m):
-                out += _command("GET", key)
-            conn.send(out, deadline)
             outcome = self._read_parts(conn, m, view, deadline)
             self.release(node, conn)
         except ConnectionFailed as e:
@@ -514,105 +507,52 @@ class RemoteClient:
             self._forget_broken(oid, reply, deadline)
         return outcome
 
-    def get_chunks(
+    def read_chunk(
         self,
         node: Node,
-        items: Sequence[tuple[ObjectId, memoryview, Manifest | None]],
+        oid: ObjectId,
+        view: memoryview,
+        manifest: Manifest | None,
         deadline: float,
-    ) -> list[Outcome]:
-        """Fill each view with its verified chunk, for several chunks of
-        `node` on one connection: all their parts asked at once and read
-        back to back (the server never waits for the next request), each
-        part's CRC32C taken as it arrives. One round trip for the manifests
-        not given, one for every part.
+    ) -> Outcome:
+        """Fill `view` with the verified chunk `oid` of `node`: its parts
+        asked at once on one connection, each part's CRC32C taken as it
+        arrives.
 
-        A manifest given (read by `read_manifests` moments ago) saves the
-        first round trip; if its parts no longer verify (the chunk was
-        rewritten or removed since), or a slot moved, that chunk is read
-        again by itself from a fresh manifest (`get_chunk`): a stale
-        manifest costs time, never a wrong answer. A broken connection
-        fails the chunks not yet verified (those verified stay hits)."""
+        A manifest given (read by `read_manifests` moments ago) saves a
+        round trip; if its parts no longer verify (the chunk was rewritten
+        or removed since), the chunk is read again from a fresh manifest
+        (`get_chunk`, as is one given none): a stale manifest costs time,
+        never a wrong answer."""
         if node.down:
-            return [Outcome.SKIPPED] * len(items)
+            return Outcome.SKIPPED
         if time.monotonic() >= deadline:
-            return [Outcome.TIMEOUT] * len(items)
-        outcomes, raw = self._read_batch(node, items, deadline)
-        results: list[Outcome] = []
-        for (oid, view, given), first, manifest in zip(
-            items, outcomes, raw, strict=True
-        ):
-            outcome = first
-            if (
-                first is Outcome.BROKEN and given is not None
-            ) or first is Outcome.MOVED:
-                # A stale manifest, or the slot moved: read afresh.
-                outcome = self.get_chunk(oid, view, deadline)
-            elif first in (Outcome.BROKEN, Outcome.BAD_MANIFEST):
-                self._forget_broken(oid, manifest, deadline)
-            results.append(outcome)
-        return results
-
-    def _read_batch(
-        self,
-        node: Node,
-        items: Sequence[tuple[ObjectId, memoryview, Manifest | None]],
-        deadline: float,
-    ) -> tuple[list[Outcome], list[object]]:
-        """The I/O of `get_chunks`: each chunk's outcome, and the manifest
-        replies read (None where the manifest was given)."""
-        outcomes: list[Outcome | None] = [None] * len(items)
-        manifests: list[Manifest | None] = [m for _, _, m in items]
-        raw: list[object] = [None] * len(items)
+            return Outcome.TIMEOUT
+        if manifest is None:
+            return self.get_chunk(oid, view, deadline)
         conn: Connection | None = None
         try:
             conn = self.acquire(node, deadline)
-            asked = [i for i, m in enumerate(manifests) if m is None]
-            if asked:
-                out: list[Buffer] = []
-                for i in asked:
-                    out += _command("GET", self.keys.manifest(items[i][0]))
-                conn.send(out, deadline)
-                for i in asked:
-                    raw[i] = conn.read_reply(deadline)
-                    m = self._manifest_of(items[i][0], raw[i])
-                    if isinstance(m, Manifest):
-                        manifests[i] = m
-                    else:
-                        outcomes[i] = m
-            reading = [
-                (i, m)
-                for i, m in enumerate(manifests)
-                if outcomes[i] is None and m is not None
-            ]
-            # Requests run ahead of the replies read by up to PIPELINE_BYTES
-            # (at least one chunk): what the server holds queued for this
-            # connection stays bounded, however large the batch.
-            sent = ahead = 0
-            for i, m in reading:
-                if sent < len(reading) and ahead < PIPELINE_BYTES:
-                    out = []
-                    while sent < len(reading) and ahead < PIPELINE_BYTES:
-                        chunk = reading[sent][1]
-                        for key in self.keys.parts(chunk):
-                            out += _command("GET", key)
-                        ahead += chunk.oid.nbytes
-                        sent += 1
-                    conn.send(out, deadline)
-                outcomes[i] = self._read_parts(conn, m, items[i][1], deadline)
-                ahead -= m.oid.nbytes
+            outcome = self._read_parts(conn, manifest, view, deadline)
             self.release(node, conn)
         except ConnectionFailed as e:
             self.failed(node, conn, e)
-            lost = Outcome.TIMEOUT if e.timeout else Outcome.FAILED
-            return [lost if o is None else o for o in outcomes], raw
-        return [Outcome.FAILED if o is None else o for o in outcomes], raw
+            return Outcome.TIMEOUT if e.timeout else Outcome.FAILED
+        if outcome is Outcome.BROKEN:
+            return self.get_chunk(oid, view, deadline)
+        return outcome
 
     def _read_parts(
         self, conn: Connection, m: Manifest, view: memoryview, deadline: float
     ) -> Outcome:
-        """Read the replies to the GETs of `m`'s parts into `view`: HIT when
-        every part is there, of its length and checksum, else BROKEN (every
-        reply is read all the same: the connection stays in step)."""
+        """Ask for `m`'s parts (one pipelined send) and read them into
+        `view`: HIT when every part is there, of its length and checksum,
+        else BROKEN (every reply is read all the same: the connection stays
+        in step)."""
+        out: list[Buffer] = []
+        for key in self.keys.parts(m):
+            out += _command("GET", key)
+        conn.send(out, deadline)
         ok = True
         for p in range(m.parts):
             start, length = m.part_range(p)

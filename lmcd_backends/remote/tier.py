@@ -46,7 +46,7 @@ MAX_PART_SIZE = 512 * MiB  # the server's proto-max-bulk-len default
 # Manifests found by `contains` are kept this long (and at most this many)
 # for the `get_into` that usually follows (a promotion): it then asks for
 # the parts at once, one round trip fewer per chunk. A stale one only costs
-# a second read (`RemoteClient.get_chunks`).
+# a second read (`RemoteClient.read_chunk`).
 MANIFEST_MEMO_S = 2.0
 MANIFEST_MEMO_MAX = 4096
 
@@ -454,10 +454,8 @@ class ValkeyTier:
                     except IndexError:
                         return
                     oid = ids[i]
-                    (outcomes[i],) = self._client.get_chunks(
-                        node_of[i],
-                        [(oid, views[i], memos[i])],
-                        self._deadline(oid.nbytes),
+                    outcomes[i] = self._client.read_chunk(
+                        node_of[i], oid, views[i], memos[i], self._deadline(oid.nbytes)
                     )
 
             async def stop_when_cancelled() -> None:
