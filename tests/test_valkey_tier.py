@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -174,14 +175,24 @@ def test_bulk_read_checksums_what_arrives_in_pieces() -> None:
 
 
 def test_bulk_read_over_tcp_wakes_for_large_pieces_and_resets_the_mark() -> None:
-    """Over TCP a large bulk, fed slowly in small writes, is received with
-    the socket's low-water mark raised (SO_RCVLOWAT); once it is read the
-    mark is back to 1, so that the small reply after it is
-    read at once (a mark left at 1 MiB would wait for bytes that never
-    come, until the deadline)."""
+    """Over TCP a large bulk, fed slowly in 200 kB writes, is received with
+    the socket's low-water mark raised (SO_RCVLOWAT): a receive per MiB,
+    not per write. Once it is read the mark is back to 1, so that the
+    small reply after it is read at once (a mark left at 1 MiB would wait
+    for bytes that never come, until the deadline)."""
     from crc32c import crc32c
 
     from lmcd_backends.remote import resp
+
+    class Counting(socket.socket):
+        """Counts the receives straight into a caller's buffer."""
+
+        large = 0
+
+        def recv_into(self, buffer: Any, *args: Any) -> int:
+            n = super().recv_into(buffer, *args)
+            self.large += len(buffer) > 64 * KiB
+            return n
 
     data = random.Random(8).randbytes(3 * MiB + 5)
     stream = b"$%d\r\n" % len(data) + data + b"\r\n" + b"+OK\r\n"
@@ -189,6 +200,10 @@ def test_bulk_read_over_tcp_wakes_for_large_pieces_and_resets_the_mark() -> None
         conn = resp.Connection("127.0.0.1", server.getsockname()[1])
         conn.connect(time.monotonic() + 5)
         theirs, _ = server.accept()
+    plain = conn._sock
+    assert plain is not None
+    counting = Counting(fileno=plain.detach())
+    conn._sock = counting
 
     def feed() -> None:
         for pos in range(0, len(stream), 200_000):
@@ -206,6 +221,8 @@ def test_bulk_read_over_tcp_wakes_for_large_pieces_and_resets_the_mark() -> None
             crc32c(data),
         )
         assert bytes(view) == data
+        # 3 MiB: 3 or 4 receives of >= 1 MiB (16 writes arrive meanwhile).
+        assert counting.large <= 4
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
         started = time.monotonic()
         assert conn.read_reply(time.monotonic() + 2) == "OK"
